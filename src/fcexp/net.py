@@ -1,0 +1,143 @@
+"""The fully connected net: one activation registry and one function that builds any depth and width."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+# Adding an activation is one line here; everything else asks `make_activation`.
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "mish": nn.Mish,
+    "softplus": nn.Softplus,
+    "prelu": nn.PReLU,
+    "identity": nn.Identity,
+}
+
+# Keras' initializers by their Keras names; "torch" keeps PyTorch's own default.
+INITS = {
+    "torch": None,
+    "glorot_uniform": nn.init.xavier_uniform_,
+    "glorot_normal": nn.init.xavier_normal_,
+    "he_uniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
+    "he_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),
+    "lecun_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="linear"),
+}
+
+# The seed's output-activation rule: what turns the last layer's logits into what is reported.
+OUTPUT_ACTIVATIONS = {"multiclass": nn.Softmax(dim=-1), "binary": nn.Sigmoid(), "regression": nn.Identity()}
+
+ActivationSpec = str | Mapping[str, Any]
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, but on the CPU a uniform-noise mask: same distribution, half the time of torch's bernoulli kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.is_cuda:
+            return super().forward(x)
+        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
+
+
+def make_activation(spec: ActivationSpec) -> nn.Module:
+    """A fresh activation layer from a name (`"tanh"`) or a mapping (`{"name": "leaky_relu", "negative_slope": 0.1}`).
+
+    Unknown names fail here, and only here.
+    """
+    params = dict(spec) if isinstance(spec, Mapping) else {"name": spec}
+    name = params.pop("name", None)
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+    try:
+        return ACTIVATIONS[name](**params)
+    except TypeError as err:
+        raise ValueError(f"activation {name!r} does not take {params}: {err}") from None
+
+
+def per_layer(name: str, value: Any, depth: int) -> list:
+    """Broadcast a scalar to every hidden layer, or check that a list gives one value per layer."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != depth:
+            raise ValueError(
+                f"{name} has {len(value)} values {list(value)} but the net has {depth} hidden layers; "
+                f"give one value for all layers or a list of {depth}"
+            )
+        return list(value)
+    return [value] * depth
+
+
+def check_hidden(hidden: Sequence[int]) -> list[int]:
+    sizes = list(hidden) if isinstance(hidden, Sequence) and not isinstance(hidden, str) else [hidden]
+    if not sizes or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in sizes):
+        raise ValueError(f"hidden sizes must be a non-empty list of positive integers, got {hidden!r}")
+    return sizes
+
+
+def build_mlp(
+    in_features: int,
+    hidden: Sequence[int],
+    out_features: int,
+    activation: ActivationSpec = "relu",
+    dropout: float | Sequence[float] = 0.0,
+    batch_norm: bool | Sequence[bool] = False,
+    init: str = "torch",
+) -> nn.Sequential:
+    """Linear → [BatchNorm] → activation → [Dropout] per hidden layer, then a Linear to logits.
+
+    `dropout` and `batch_norm` take one value for every hidden layer or a list with one per layer.
+    """
+    sizes = check_hidden(hidden)
+    dropouts = per_layer("dropout", dropout, len(sizes))
+    norms = per_layer("batch_norm", batch_norm, len(sizes))
+    for p in dropouts:
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; known: {', '.join(INITS)}")
+
+    layers: list[nn.Module] = []
+    width = in_features
+    for size, p, norm in zip(sizes, dropouts, norms, strict=True):
+        # A bias before BatchNorm is cancelled by its mean subtraction, as Keras users learn the hard way.
+        layers.append(nn.Linear(width, size, bias=not norm))
+        if norm:
+            layers.append(nn.BatchNorm1d(size))
+        layers.append(make_activation(activation))
+        if p > 0:
+            layers.append(Dropout(p))
+        width = size
+    layers.append(nn.Linear(width, out_features))
+
+    if INITS[init] is not None:
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                INITS[init](layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+    return nn.Sequential(*layers)
+
+
+def linear_layers(net: nn.Module) -> list[nn.Linear]:
+    """The net's Linear layers in order; the last one produces the logits."""
+    return [m for m in net.modules() if isinstance(m, nn.Linear)]
+
+
+def l2_penalty(net: nn.Module, l2: float | Sequence[float]) -> torch.Tensor:
+    """Keras' kernel_regularizer=l2(λ): λ·Σw² over each hidden Linear's weight (not biases, not BatchNorm)."""
+    hidden = linear_layers(net)[:-1]
+    total = torch.zeros((), device=hidden[0].weight.device)
+    for layer, lam in zip(hidden, per_layer("l2", l2, len(hidden)), strict=True):
+        if lam:
+            total = total + lam * layer.weight.square().sum()
+    return total

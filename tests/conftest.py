@@ -1,0 +1,41 @@
+"""Shared fixtures: real MNIST (built once per machine) and the real entry points, in process or as commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from fcexp.data import ensure_mnist
+
+DATA_ROOT = os.environ.get("FCEXP_DATA", str(Path("~/.cache/fcexp").expanduser()))
+# A few hundred real steps: 100 batches of 128 per epoch.
+QUICK = ["data.limit_train=12800", "trainer.max_epochs=3", "callbacks.progress.refresh_rate=0"]
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> str:
+    ensure_mnist(DATA_ROOT)
+    return DATA_ROOT
+
+
+def compose_train(*overrides: str) -> DictConfig:
+    with initialize_config_module("fcexp.conf", version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m <module> <args>` as a user would, from `cwd`."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FCEXP_DATA": DATA_ROOT, **(env or {})},
+        timeout=600,
+    )
