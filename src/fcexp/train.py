@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -21,6 +22,8 @@ log = logging.getLogger("fcexp")
 
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
     """Train, test and record one run in `run_dir`; returns its metrics.json content."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
