@@ -52,6 +52,9 @@ class Classifier(L.LightningModule):
                 raise ValueError(f"model.l2 must be >= 0, got {lam}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        lr = getattr(optimizer, "keywords", {}).get("lr")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {lr}")
         self.optimizer = optimizer
         self.output_activation = OUTPUT_ACTIVATIONS["multiclass"]
         # validate_args=False: the per-step input checks cost more than the update itself.
@@ -73,6 +76,11 @@ class Classifier(L.LightningModule):
         logits = self.net(x)
         loss = self.loss(logits, y)
         l2 = l2_penalty(self.net, self.hparams.l2)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}): training diverged; "
+                "try a lower optimizer.lr"
+            )
         self.train_loss.update(loss.detach(), weight=len(x))
         self.train_acc.update(logits.detach(), class_indices(y))
         # Step curves go straight to the loggers every log_every_n_steps: self.log on every step

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 RECORD = "metrics.json"
+CHECKPOINTS = "checkpoints"
+INTERRUPTED = "interrupted.ckpt"
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -46,25 +49,41 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     os.replace(tmp, path)  # readers (compare on a running sweep) never see half a file
 
 
+def resume_checkpoint(run_dir: Path) -> Path:
+    """The newest of a run's resumable checkpoints: `last` (end of an epoch) or `interrupted` (Ctrl-C)."""
+    found = [p for p in (run_dir / CHECKPOINTS / "last.ckpt", run_dir / CHECKPOINTS / INTERRUPTED) if p.is_file()]
+    if not found:
+        raise ValueError(f"resume={str(run_dir)!r} has no checkpoint to resume from in {CHECKPOINTS}/")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
 class RunRecord(L.Callback):
     """Keeps metrics.json current: status "running" with the history so far, then the final result."""
 
-    def __init__(self, run_dir: Path, hparams: Mapping[str, Any], overrides: list[str]):
-        self.path = Path(run_dir) / RECORD
-        self.started = time.time()
+    def __init__(self, run_dir: Path, hparams: Mapping[str, Any], overrides: list[str], resume: bool = False):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / RECORD
+        previous = self.load(run_dir) if resume else None
+        # A resumed run keeps its history and adds to its wall time.
+        self.started = time.time() - (previous["wall_time_s"] if previous else 0.0)
         self.record: dict[str, Any] = {
             "status": "running",
             "overrides": overrides,
             "hparams": dict(hparams),
-            "history": [],
+            "history": previous["history"] if previous else [],
             "metrics": {},
             "wall_time_s": 0.0,
         }
         self.save()
 
+    @staticmethod
+    def load(run_dir: Path) -> dict[str, Any] | None:
+        path = Path(run_dir) / RECORD
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def save(self) -> None:
         self.record["wall_time_s"] = round(time.time() - self.started, 3)
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        if rank_zero_only.rank == 0:
             write_json(self.path, self.record)
 
     # An epoch's train and val metrics are all logged only once its last hook has run, so each epoch
@@ -83,10 +102,25 @@ class RunRecord(L.Callback):
         history.append({"epoch": epoch, "step": trainer.global_step, **metrics})
         self.save()
 
-    def finish(self, status: str, metrics: Mapping[str, Any], error: str | None = None) -> dict[str, Any]:
-        self.record["status"] = status
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            # Lightning turns Ctrl-C into an exit; first keep what a resume needs.
+            trainer.save_checkpoint(self.run_dir / CHECKPOINTS / INTERRUPTED, weights_only=False)
+            self.fail(exception, trainer.callback_metrics)
+            rank_zero_info(f"interrupted; continue with: python -m fcexp.train resume={self.run_dir}")
+
+    def fail(self, error: BaseException, metrics: Mapping[str, Any]) -> None:
+        """Record a run that ended early: "interrupted" (Ctrl-C) or "failed" with its error."""
+        if self.record["status"] == "interrupted":
+            return  # Lightning's exit after an interrupt is not a second failure
+        self.record["status"] = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        self.record["error"] = f"{type(error).__name__}: {error}"
         self.record["metrics"] = {k: _scalar(v) for k, v in metrics.items()}
-        if error is not None:
-            self.record["error"] = error
+        self.save()
+
+    def finish(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        self.record["status"] = "completed"
+        self.record.pop("error", None)
+        self.record["metrics"] = {k: _scalar(v) for k, v in metrics.items()}
         self.save()
         return self.record

@@ -1,51 +1,73 @@
-"""`python -m fcexp.train [overrides]`: compose → instantiate → fit → test → record → return the metric."""
+"""`python -m fcexp.train [overrides]`: compose → validate → instantiate → fit → test → record → return the metric."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from fcexp.record import RunRecord, flat_hparams
+from fcexp.data import DataError
+from fcexp.record import RECORD, RunRecord, flat_hparams, resume_checkpoint
 
 log = logging.getLogger("fcexp")
 
+# What a user can fix by changing a value: reported as one line, not a traceback.
+USER_ERRORS = (ValueError, DataError, MisconfigurationException)
 
-def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
-    """Train, test and record one run in `run_dir`; returns its metrics.json content."""
+# `hydra.run.dir` and `hydra.output_subdir` pick one value for a resumed run, another for a new one.
+OmegaConf.register_new_resolver(
+    "if_resume", lambda resume, then, otherwise: then if resume else otherwise, replace=True
+)
+
+
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str], resume: bool = False) -> dict:
+    """Train, test and record one run in `run_dir`; returns its metrics.json content.
+
+    With `resume`, training continues from the run's newest checkpoint in the same folder and TensorBoard run.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
-    hparams = flat_hparams(cfg)
-
-    record = RunRecord(run_dir, hparams, overrides)
-    # The run folder is the TensorBoard run: a sweep's runs are named by their folders.
-    logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [record]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=run_dir)
-
+    record = RunRecord(run_dir, flat_hparams(cfg), overrides, resume=resume)
+    trainer = None
     try:
-        trainer.fit(model, datamodule=datamodule)
+        datamodule = instantiate(cfg.data)
+        model = instantiate(cfg.model)
+        # The run folder is the TensorBoard run: a sweep's runs are named by their folders.
+        logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
+        callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [record]
+        if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                f"trainer.accelerator={cfg.trainer.accelerator} needs CUDA, which this machine lacks; "
+                "use trainer=auto or trainer=cpu"
+            )
+        trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=run_dir)
+        ckpt_path = resume_checkpoint(run_dir) if resume else None
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = dict(trainer.callback_metrics)  # test resets callback_metrics
         # The seed evaluates the model as training left it, not the best checkpoint.
         trainer.test(model, datamodule=datamodule, verbose=False)
     except BaseException as err:
-        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        record.finish(status, trainer.callback_metrics, error=f"{type(err).__name__}: {err}")
-        raise
+        if isinstance(err, InstantiationException) and err.__cause__ is not None:
+            err = err.__cause__  # the constructor's own message, without Hydra's wrapping
+        record.fail(err, trainer.callback_metrics if trainer is not None else {})
+        raise err from None
     metrics |= trainer.callback_metrics
-    result = record.finish("completed", metrics)
+    result = record.finish(metrics)
     if trainer.is_global_zero:
         final = {
             "hp_metric": metrics["val/acc_best"],
@@ -53,9 +75,18 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
             "final/test_acc": metrics["test/acc"],
             "final/test_loss": metrics["test/loss"],
         }
-        logger.log_hyperparams(hparams, {k: float(v) for k, v in final.items()})
+        logger.log_hyperparams(record.record["hparams"], {k: float(v) for k, v in final.items()})
         logger.finalize("success")
     return result
+
+
+def resumed_config(cfg: DictConfig, run_dir: Path, extra: list[str]) -> tuple[DictConfig, list[str]]:
+    """The config a run was started with (recomposed from its recorded overrides), plus any new overrides."""
+    record_path = run_dir / RECORD
+    if not record_path.is_file():
+        raise ValueError(f"resume={str(run_dir)!r} is not a run folder (no {RECORD}); give a folder under runs/")
+    overrides = json.loads(record_path.read_text())["overrides"] + extra
+    return hydra.compose(config_name="train", overrides=overrides), overrides
 
 
 @hydra.main(version_base="1.3", config_path="pkg://fcexp.conf", config_name="train")
@@ -63,14 +94,27 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = list(hydra_cfg.overrides.task)
     try:
-        result = train(cfg, run_dir, list(hydra_cfg.overrides.task))
+        if cfg.resume:
+            extra = [o for o in overrides if not o.startswith("resume=")]
+            cfg, overrides = resumed_config(cfg, run_dir, extra)
+        elif cfg.skip_finished and (previous := RunRecord.load(run_dir)) and previous["status"] == "completed":
+            log.info("skipping %s: finished before (skip_finished=true)", run_dir.name)
+            return previous["metrics"]["val/acc_best"]
+        result = train(cfg, run_dir, overrides, resume=bool(cfg.resume))
+    except KeyboardInterrupt:
+        log.error("interrupted; continue with: python -m fcexp.train resume=%s", run_dir)
+        sys.exit(130)
     except Exception as err:
-        if not multirun:
+        if multirun:
+            # One bad job must not end a sweep: it is recorded as failed and the others go on.
+            log.error("job %s failed: %s", run_dir.name, err)
+            return math.nan
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(err, (*USER_ERRORS, FloatingPointError)):
             raise
-        # One bad job must not end a sweep: it is recorded as failed and the others go on.
-        log.error("job %s failed: %s", run_dir.name, err)
-        return math.nan
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, USER_ERRORS) else 1)
     best = result["metrics"]["val/acc_best"]
     log.info("test accuracy %.4f, best val accuracy %.4f", result["metrics"]["test/acc"], best)
     log.info("run folder: %s", run_dir)
