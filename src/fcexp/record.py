@@ -63,6 +63,7 @@ class RunRecord(L.Callback):
     def __init__(self, run_dir: Path, hparams: Mapping[str, Any], overrides: list[str], resume: bool = False):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / RECORD
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         previous = self.load(run_dir) if resume else None
         # A resumed run keeps its history and adds to its wall time.
         self.started = time.time() - (previous["wall_time_s"] if previous else 0.0)

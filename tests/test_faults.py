@@ -1,0 +1,213 @@
+"""Bad input, damaged data, kills, interrupts, NaNs, determinism and DDP: what the user sees."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import DATA_ROOT, QUICK, compose_train, run_cli
+from hydra.core.global_hydra import GlobalHydra
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fcexp.data import IDX_MD5, DataError, ensure_mnist
+from fcexp.train import main, train
+
+
+def run_main(args: list[str], cwd: Path, monkeypatch) -> int:
+    """The real `python -m fcexp.train` entry point, in process (imports paid once for all bad inputs)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["fcexp.train", *args])
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return exit_.value.code
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("activation.name=relu6", "unknown activation 'relu6'; known: sigmoid, tanh, relu, leaky_relu"),
+        ("model.dropout=1.5", r"dropout must be in [0, 1), got 1.5"),
+        ("model.l2=-0.1", "model.l2 must be >= 0, got -0.1"),
+        ("model.hidden=[]", "hidden sizes must be a non-empty list of positive integers, got []"),
+        ("model.hidden=[512,-3]", "hidden sizes must be a non-empty list of positive integers, got [512, -3]"),
+        ("model.hidden=[64,64,64]", "batch_norm has 2 values [False, True] but the net has 3 hidden layers"),
+        ("optimizer.lr=0", "optimizer.lr must be > 0, got 0"),
+        ("data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
+        (
+            "trainer=gpu",
+            "trainer.accelerator=gpu needs CUDA, which this machine lacks; use trainer=auto or trainer=cpu",
+        ),
+        ("data.root=/proc/fcexp", "data.root '/proc/fcexp' is not writable"),
+    ],
+)
+def test_bad_value_is_one_line_before_training(override, message, tmp_path, monkeypatch, capsys, mnist_root):
+    if override == "trainer=gpu" and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = run_main([override, "callbacks.progress.refresh_rate=0"], tmp_path, monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2
+    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert message in line
+    assert "Traceback" not in err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "failed" and message in record["error"]
+    assert not (run_dir / "checkpoints").exists()  # nothing trained
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.dropot=0.5", "Key 'dropot' is not in struct"),
+        ("optimizer=adagrad", "Could not find 'optimizer/adagrad'"),
+        ("activation=relu6", "Could not find 'activation/relu6'"),
+    ],
+)
+def test_unknown_key_or_option_is_named_by_hydra(override, message, tmp_path, monkeypatch, capsys):
+    assert run_main([override], tmp_path, monkeypatch) == 1
+    assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def data_copy(mnist_root, tmp_path) -> Path:
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    shutil.copytree(Path(mnist_root) / "MNIST" / "raw", raw, ignore=shutil.ignore_patterns(".*"))
+    return raw
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_idx_file_is_named_with_the_fix(data_copy, damage):
+    path = data_copy / "t10k-images-idx3-ubyte"
+    blob = bytearray(path.read_bytes())
+    path.write_bytes(blob[:-100] if damage == "truncate" else blob[:5000] + bytes([blob[5000] ^ 1]) + blob[5001:])
+    with pytest.raises(DataError, match=rf"{path} is damaged .*delete {data_copy} and run again to rebuild it"):
+        ensure_mnist(data_copy.parent.parent)
+
+
+def test_missing_files_are_rebuilt_atomically(data_copy):
+    for name in IDX_MD5:
+        (data_copy / name).unlink()
+    ensure_mnist(data_copy.parent.parent)
+    assert sorted(p.name for p in data_copy.iterdir() if not p.name.startswith(".")) == sorted(IDX_MD5)
+    assert not [p for p in data_copy.iterdir() if ".tmp" in p.name or p.name.startswith(".t")]
+
+
+def test_same_seed_same_numbers(tmp_path, mnist_root):
+    overrides = [*QUICK, "trainer.max_epochs=2", "data.limit_train=5000"]
+    histories = []
+    for name in ("a", "b"):
+        cfg = compose_train(*overrides)
+        result = train(cfg, tmp_path / name, overrides)
+        histories.append([(h["train/loss"], h["val/loss"], h["val/acc"]) for h in result["history"]])
+    assert len(histories[0]) == 2
+    assert histories[0] == histories[1]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def start_run(cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fcexp.train", *QUICK, "data.limit_train=25600", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**__import__("os").environ, "FCEXP_DATA": DATA_ROOT},
+    )
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_in_place(tmp_path, mnist_root):
+    proc = start_run(tmp_path)
+    wait_for(tmp_path / "runs", proc)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = json.loads((run_dir / "metrics.json").read_text())
+    assert killed["status"] == "running" and len(killed["history"]) < 3
+
+    resumed = run_cli("fcexp.train", f"resume={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "completed"
+    assert [(h["epoch"], h["step"]) for h in record["history"]] == [(0, 200), (1, 400), (2, 600)]
+    assert record["metrics"]["test/acc"] > 0.9
+    assert list((tmp_path / "runs").iterdir()) == [run_dir]  # no second run folder
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/acc")][-1] == 599  # the same TensorBoard run, continued
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) >= 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_what_resume_needs(tmp_path, mnist_root):
+    proc = start_run(tmp_path, "trainer.max_epochs=4")
+    wait_for(tmp_path / "runs", proc)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert f"resume={run_dir}" in err
+    assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+    resumed = run_cli("fcexp.train", f"resume={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "completed" and record["history"][-1]["epoch"] == 3
+
+
+@pytest.mark.slow
+def test_nan_fails_its_job_and_the_sweep_goes_on(tmp_path, mnist_root):
+    proc = run_cli(
+        "fcexp.train", "-m", *QUICK, "trainer.max_epochs=1", "optimizer=sgd", "optimizer.lr=10000,0.05", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "runs" / "sweeps").iterdir()
+    records = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    diverged = records[
+        "callbacks.progress.refresh_rate=0,data.limit_train=12800,optimizer.lr=10000,optimizer=sgd,trainer.max_epochs=1"
+    ]
+    assert diverged["status"] == "failed" and "loss is nan" in diverged["error"]
+    fine = [r for r in records.values() if r is not diverged]
+    assert len(fine) == 1 and fine[0]["status"] == "completed" and fine[0]["metrics"]["test/acc"] > 0.85
+    rerun = run_cli(
+        "fcexp.train",
+        "-m",
+        *QUICK,
+        "trainer.max_epochs=1",
+        "optimizer=sgd",
+        "optimizer.lr=10000,0.05",
+        f"hydra.sweep.dir={sweep}",
+        "skip_finished=true",
+        cwd=tmp_path,
+    )
+    assert rerun.returncode == 0 and rerun.stdout.count("finished before (skip_finished=true)") == 1
+
+
+@pytest.mark.slow
+def test_ddp_cpu_shards_data_and_syncs_metrics(tmp_path, mnist_root):
+    proc = run_cli(
+        "fcexp.train", "trainer=ddp_cpu", *QUICK, "trainer.max_epochs=1", "data.limit_train=5120", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["history"][-1]["step"] == 5120 // 2 // 128  # each rank stepped through its own half
+    single = run_cli("fcexp.evaluate", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path)
+    # The 2-rank test accuracy, synced across ranks, equals a single process's on the same weights.
+    assert f"test accuracy {record['metrics']['test/acc']:.4f}" in single.stdout
