@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -27,6 +28,9 @@ log = logging.getLogger("fcexp")
 
 # What a user can fix by changing a value: reported as one line, not a traceback.
 USER_ERRORS = (ValueError, DataError, MisconfigurationException)
+
+# Lightning 2.6 under torch >= 2.10 warns at every fit about its own use of a deprecated torch API.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 # `hydra.run.dir` and `hydra.output_subdir` pick one value for a resumed run, another for a new one.
 OmegaConf.register_new_resolver(
