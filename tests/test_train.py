@@ -3,8 +3,10 @@
 import json
 
 import pytest
-from conftest import QUICK, run_cli
+from conftest import QUICK, compose_train, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fcexp.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -57,3 +59,12 @@ def test_evaluate_reproduces_the_test_accuracy(quick_run):
     proc = run_cli("fcexp.evaluate", f"ckpt_path='{run_dir / 'checkpoints' / 'last.ckpt'}'", cwd=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"test accuracy {record['metrics']['test/acc']:.4f}" in proc.stdout
+
+
+def test_tensor_batches_honour_lightning_limits(tmp_path, mnist_root):
+    overrides = [*QUICK, "trainer.max_epochs=1", "+trainer.limit_train_batches=30", "+trainer.val_check_interval=10"]
+    result = train(compose_train(*overrides), tmp_path, overrides)
+    assert result["history"][-1]["step"] == 30
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/acc")] == [9, 19, 29]
