@@ -19,8 +19,12 @@ CHECKPOINTS = "checkpoints"
 INTERRUPTED = "interrupted.ckpt"
 
 
-def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The knobs of a run as flat scalars: the columns of TensorBoard's HParams tab and of `fcexp.compare`."""
+def flat_hparams(cfg: DictConfig, overrides: list[str] = ()) -> dict[str, Any]:
+    """The knobs of a run as flat scalars: the columns of TensorBoard's HParams tab and of `fcexp.compare`.
+
+    Knobs set by `overrides` come first: TensorBoard shows only the first few columns until asked for more,
+    and in a sweep those are the ones being compared.
+    """
     model = OmegaConf.to_container(cfg.model, resolve=True)
     activation = model.pop("activation")
     optimizer = model.pop("optimizer")
@@ -35,7 +39,10 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     params["trainer.max_epochs"] = cfg.trainer.max_epochs
     params["seed"] = cfg.seed
     # TensorBoard's HParams tab takes numbers, strings and booleans only.
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
+    params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    chosen = [k for k in params if any(k == key or k.startswith(f"{key}.") for key in keys)]
+    return {k: params[k] for k in chosen} | params
 
 
 def _scalar(value: Any) -> float | None:

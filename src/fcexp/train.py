@@ -46,7 +46,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], resume: bool = F
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    record = RunRecord(run_dir, flat_hparams(cfg), overrides, resume=resume)
+    record = RunRecord(run_dir, flat_hparams(cfg, overrides), overrides, resume=resume)
     trainer = None
     try:
         datamodule = instantiate(cfg.data)
