@@ -1,0 +1,161 @@
+"""Sweeps end to end: presets compose, real multiruns on small MNIST subsets, and what compare makes of them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import compose_train, run_cli
+from hydra import compose, initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from fcexp import compare
+
+CONF = Path(__file__).parents[1] / "conf"
+# One epoch on 2,000 images with a small net: a job costs about a second once imports are paid.
+SMALL = [
+    "data.limit_train=2000",
+    "trainer.max_epochs=1",
+    "callbacks.progress.refresh_rate=0",
+    "trainer.enable_model_summary=false",
+    "model.hidden=[64]",
+    "model.l2=0",
+    "model.batch_norm=false",
+]
+PRESETS = [
+    f"+{p.parent.name}={p.stem}"
+    for group in ("sweep", "hparams_search", "launcher")
+    for p in CONF.glob(f"{group}/*.yaml")
+]
+SWEEP_SIZES = {"grid": 48, "activations": 13, "regularization": 18, "depth": 16}
+
+
+def read_csv(sweep: Path) -> list[dict[str, str]]:
+    with open(sweep / compare.CSV) as f:
+        return list(csv.DictReader(f))
+
+
+def only_sweep(cwd: Path) -> Path:
+    (sweep,) = (cwd / "runs" / "sweeps").iterdir()
+    return sweep
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes(preset):
+    with initialize_config_module("fcexp.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[preset], return_hydra_config=True)
+    group, name = preset[1:].split("=")
+    if group == "launcher":
+        # A launcher preset says how many cores a job gets (slurm's resolves only inside a job).
+        assert OmegaConf.to_container(cfg)["threads"] is not None
+    else:
+        assert cfg.hydra.sweeper.params
+    if group != "sweep":
+        return
+    # The comment's size is the grid's, and its first and last jobs (the deepest net) build.
+    sweeps = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])
+    choices = [[f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] for o in sweeps]
+    assert math.prod(map(len, choices)) == SWEEP_SIZES[name]
+    assert f"{SWEEP_SIZES[name]} jobs" in (CONF / "sweep" / f"{name}.yaml").read_text()
+    for pick in (0, -1):
+        job = compose_train(preset, *(c[pick] for c in choices))
+        instantiate(job.model)
+
+
+@pytest.fixture(scope="module")
+def grid_2x2(mnist_root, tmp_path_factory) -> tuple[Path, str]:
+    """A real 2x2 multirun with the default in-process launcher."""
+    cwd = tmp_path_factory.mktemp("grid")
+    proc = run_cli("fcexp.train", "-m", *SMALL, "activation=relu,sigmoid", "model.dropout=0,0.2", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return only_sweep(cwd), proc.stdout
+
+
+@pytest.mark.slow
+def test_each_job_is_a_tensorboard_run_with_its_hparams(grid_2x2):
+    sweep, stdout = grid_2x2
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 4
+    for job in jobs:
+        assert job.name.startswith("activation=")  # TensorBoard names a run by its folder
+        events = EventAccumulator(str(job))
+        events.Reload()
+        content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+        record = json.loads((job / "metrics.json").read_text())
+        assert hparams["activation"].string_value == record["hparams"]["activation"]
+        assert hparams["model.dropout"].number_value == record["hparams"]["model.dropout"]
+        assert events.Scalars("hp_metric")[-1].value == pytest.approx(record["metrics"]["val/acc_best"])
+    assert f"tensorboard --logdir {sweep}" in stdout
+
+
+@pytest.mark.slow
+def test_compare_ranks_the_sweep_at_its_end(grid_2x2):
+    sweep, stdout = grid_2x2
+    rows = read_csv(sweep)
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
+    assert set(rows[0]) >= {"activation", "model.dropout", "val_acc_best", "test_acc", "train_time_s"}
+    assert "model.hidden" not in rows[0]  # not swept, so not a column
+    best = [float(r["val_acc_best"]) for r in rows]
+    assert best == sorted(best, reverse=True) and best[0] > 0.5  # well above chance (0.1) after 16 steps
+    assert (sweep / compare.TABLE).read_text().count("| completed |") == 4
+    for png in (compare.CURVES, compare.BY_KNOB):
+        assert (sweep / png).read_bytes().startswith(b"\x89PNG")
+    assert f"best: activation={rows[0]['activation']}, dropout={rows[0]['model.dropout']}" in stdout
+    assert f"rerun it: python -m fcexp.train {' '.join(SMALL[:3])}" in stdout
+
+
+@pytest.mark.slow
+def test_compare_reports_a_sweep_still_running(grid_2x2, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(grid_2x2[0], sweep)
+    first, second, *_ = sorted(p for p in sweep.iterdir() if p.is_dir())
+    record = json.loads((first / "metrics.json").read_text())
+    record |= {"status": "running", "metrics": {}}
+    (first / "metrics.json").write_text(json.dumps(record))
+    (second / "metrics.json").unlink()  # started, nothing recorded yet
+    text = compare.report(sweep)
+    assert "4 jobs" in text and "2 completed, 1 running, 1 no record" in text
+    rows = read_csv(sweep)
+    assert [r["status"] for r in rows] == ["completed", "completed", "running", "no record"]
+    assert rows[2]["val_acc_best"] != "-" and rows[2]["test_acc"] == "-"  # its history so far
+    assert rows[3]["activation"] in ("relu", "sigmoid")  # read from the config Hydra saved
+
+
+def test_compare_names_a_folder_without_jobs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        compare.main([str(tmp_path)])
+    assert exit_.value.code == 2
+    assert f"error: '{tmp_path}' holds no jobs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_parallel_launcher_keeps_going_past_a_failed_job(mnist_root, tmp_path):
+    proc = run_cli("fcexp.train", "-m", "+launcher=parallel", *SMALL, "model.dropout=0.2,1.5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = only_sweep(tmp_path)
+    good, bad = read_csv(sweep)
+    assert good["status"] == "completed" and float(good["test_acc"]) > 0.5
+    assert bad["status"] == "failed" and "dropout must be in [0, 1), got 1.5" in bad["error"]
+    assert "threads" not in bad["folder"]  # how a sweep runs is not part of a job's name
+    assert "1 completed, 1 failed" in proc.stdout
+
+
+@pytest.mark.slow
+def test_optuna_study_finishes_and_reports_its_best(mnist_root, tmp_path):
+    proc = run_cli("fcexp.train", "-m", "+hparams_search=optuna", "hydra.sweeper.n_trials=3", *SMALL, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = only_sweep(tmp_path)
+    results = OmegaConf.load(sweep / "optimization_results.yaml")
+    rows = read_csv(sweep)
+    assert len(rows) == 3
+    assert results.best_value == pytest.approx(float(rows[0]["val_acc_best"]), abs=1e-4)
+    assert {"activation", "optimizer.lr"} <= set(rows[0])
