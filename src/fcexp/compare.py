@@ -179,7 +179,9 @@ def plot_curves(jobs: list[Job], knobs: list[str], path: Path) -> None:
     low = points[len(points) // 10]
     ax.set_ylim(max(0.0, low - 0.02), min(1.0, points[-1] + 0.01))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", title="rank. swept knobs")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    last_epoch = max(epoch for _, job in ranked for epoch, _ in job.val_curve)
+    ax.set_xticks(range(1, last_epoch + 1, max(1, last_epoch // 10)))  # whole epochs, even for one
+    ax.set_xlim(0.8, last_epoch + 0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
@@ -218,6 +220,7 @@ def plot_by_knob(jobs: list[Job], knobs: list[str], path: Path) -> None:
                 spread = statistics.pstdev(accs) if len(accs) > 1 else 0.0
                 ax.errorbar(x, statistics.fmean(accs), yerr=spread, fmt="o", color="C3", ms=7, capsize=5, zorder=3)
             ax.set_xticks(range(len(values)), [_fmt(v) for v in values], rotation=20 if len(values) > 4 else 0)
+            ax.set_xlim(-0.5, len(values) - 0.5)
         ax.set_title(knob)
         ax.grid(alpha=0.3)
         if i % cols == 0:
