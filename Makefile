@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint format
+.PHONY: train test bench lint format
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# fcexp against the common Lightning recipe, a hand-written loop and the arithmetic bound (about 3 minutes).
+bench: $(STAMP)
+	$(PY) scripts/bench.py --json runs/bench.json $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts

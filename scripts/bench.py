@@ -1,0 +1,340 @@
+"""Training speed of fcexp beside the common Lightning recipe, a hand-written loop and the arithmetic bound.
+
+`python scripts/bench.py [--quick] [--json out.json]`. Every method trains the seed's model (784-512-512-10,
+ReLU, dropout 0.2, BatchNorm + L2 on layer 2, Adam, batch 128) on the same MNIST files. The methods take turns,
+repetition after repetition, so that noise from other processes on the machine hits them all alike; each
+figure is the median over repetitions of training samples/s, timed after a few warm-up steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from datetime import date
+from itertools import pairwise
+from pathlib import Path
+from typing import ClassVar
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from torchvision.datasets import MNIST
+
+from fcexp.data import MEAN, STD, encode, ensure_mnist, normalize, read_idx
+from fcexp.net import l2_penalty
+from fcexp.train import train
+
+DATA_ROOT = os.environ.get("FCEXP_DATA", str(Path("~/.cache/fcexp").expanduser()))
+BATCH = 128
+WIDTHS = [784, 512, 512, 10]  # the seed's layer widths, for the arithmetic bound
+TRAIN_SIZE = 50_000  # fcexp trains on the first 50,000 images; the last 10,000 validate
+
+# Hydra instantiates the timer by import path; run as a script, this module is __main__.
+TIMER_TARGET = f"{__name__}.StepTimer"
+
+
+class StepTimer(L.Callback):
+    """Samples/s over a fit's training batches after the first `warmup` ones; validation is not timed."""
+
+    warmup = 5
+    measured: ClassVar[list[float]] = []  # class level: Hydra builds the instance inside fcexp.train, out of our reach
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx == self.warmup:
+            sync(pl_module.device)
+            self.samples, self.start = 0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup:
+            self.samples += len(batch[0])
+        if batch_idx + 1 == trainer.num_training_batches:
+            sync(pl_module.device)
+            StepTimer.measured.append(self.samples / (time.perf_counter() - self.start))
+
+
+def sync(device: torch.device) -> None:
+    # CUDA runs asynchronously: without a barrier the clock stops before the GPU does.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    with initialize_config_module("fcexp.conf", version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def fcexp_path(steps: int, device: str, extra: tuple[str, ...] = ()) -> Callable[[], float]:
+    """fcexp.train.train itself, with its default callbacks, logger and run record, cut to `steps` batches."""
+    trainer = "gpu" if device == "cuda" else "cpu"
+    overrides = [
+        f"trainer={trainer}",
+        "trainer.max_epochs=1",
+        f"+trainer.limit_train_batches={steps}",
+        "+trainer.limit_val_batches=1",  # validation is not what is timed; keep it short
+        f"+callbacks.bench_timer._target_={TIMER_TARGET}",
+        *extra,
+    ]
+
+    def run() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            train(compose_train([*overrides, f"runs_dir={tmp}"]), Path(tmp), overrides)
+        return StepTimer.measured.pop()
+
+    return run
+
+
+class CommonRecipe(L.LightningModule):
+    """What a Lightning MNIST tutorial writes: torch's layers, default Adam, self.log every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, 512),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(512, 512, bias=False),
+            nn.BatchNorm1d(512),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(512, 10),
+        )
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y) + 1e-3 * self.net[4].weight.square().sum()
+        self.log("train/loss", loss)
+        self.log("train/acc", (logits.argmax(1) == y).float().mean())
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3, eps=1e-7)
+
+
+def common_recipe(steps: int, device: str, workers: int) -> Callable[[], float]:
+    """torchvision's MNIST with ToTensor + Normalize per sample, a torch DataLoader, a default Trainer."""
+    dataset = MNIST(
+        DATA_ROOT,
+        train=True,
+        transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))]),
+    )
+
+    def run() -> float:
+        loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, pin_memory=device == "cuda")
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = L.Trainer(
+                accelerator="gpu" if device == "cuda" else "cpu",
+                devices=1,
+                max_epochs=1,
+                limit_train_batches=steps,
+                logger=TensorBoardLogger(tmp),
+                callbacks=[StepTimer()],
+                default_root_dir=tmp,
+            )
+            trainer.fit(CommonRecipe(), loader)
+        return StepTimer.measured.pop()
+
+    return run
+
+
+def training_tensors(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    folder = ensure_mnist(DATA_ROOT)
+    x = normalize(read_idx(folder / "train-images-idx3-ubyte")[:TRAIN_SIZE], "scale")
+    y = encode(read_idx(folder / "train-labels-idx1-ubyte")[:TRAIN_SIZE], "onehot")
+    return x.to(device), y.to(device)
+
+
+def hand_loop(steps: int, device: str) -> Callable[[], float]:
+    """The same net, loss and fused Adam as fcexp, in a bare loop over index slices of in-memory tensors."""
+    x, y = training_tensors(device)
+    cfg = compose_train([])
+
+    def run() -> float:
+        model = instantiate(cfg.model).to(device)
+        net, l2 = model.net.train(), cfg.model.l2
+        optimizer = model.configure_optimizers()
+        perm = torch.randperm(len(x), device=device)
+        for i in range(steps):
+            if i == StepTimer.warmup:
+                sync(x.device)
+                start = time.perf_counter()
+            j = perm[i * BATCH : (i + 1) * BATCH]
+            loss = F.cross_entropy(net(x[j]), y[j]) + l2_penalty(net, l2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        sync(x.device)
+        return (steps - StepTimer.warmup) * BATCH / (time.perf_counter() - start)
+
+    return run
+
+
+def arithmetic_bound(steps: int, device: str) -> Callable[[], float]:
+    """One training step's matrix products alone: 3 forward, 3 weight gradients, 2 input gradients."""
+    acts = [torch.randn(BATCH, d, device=device) for d in WIDTHS]
+    weights = [torch.randn(o, i, device=device) for i, o in pairwise(WIDTHS)]
+
+    def step() -> None:
+        for k, w in enumerate(weights):
+            acts[k] @ w.t()  # forward
+            acts[k + 1].t() @ acts[k]  # weight gradient
+            if k:
+                acts[k + 1] @ w  # input gradient (none for the images)
+
+    def run() -> float:
+        for _ in range(StepTimer.warmup):
+            step()
+        sync(acts[0].device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(acts[0].device)
+        return steps * BATCH / (time.perf_counter() - start)
+
+    return run
+
+
+def step_flops() -> int:
+    # Each product is 2·batch·in·out FLOP; the first layer has no input gradient.
+    return 2 * BATCH * (3 * sum(i * o for i, o in pairwise(WIDTHS)) - WIDTHS[0] * WIDTHS[1])
+
+
+def whole_run(overrides: list[str]) -> dict[str, float]:
+    """Wall time and peak RSS of `python -m fcexp.train` in a fresh process, imports and test included."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "fcexp.train", f"runs_dir={tmp}", *overrides],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "FCEXP_DATA": DATA_ROOT},
+        )
+        wall = time.perf_counter() - start
+        if proc.returncode:
+            raise RuntimeError(f"fcexp.train failed:\n{proc.stderr[-3000:]}")
+        (record,) = Path(tmp).glob("*/metrics.json")
+        accuracy = json.loads(record.read_text())["metrics"]["test/acc"]
+    # Run before any DataLoader worker is forked, so the children's peak is this process's alone.
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {
+        "wall_s": round(wall, 2),
+        "peak_rss_mb": round(peak_mb),
+        "test_acc": round(accuracy, 4),
+        "overrides": overrides,
+    }
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu or platform.processor()} ({os.cpu_count()} cores{gpu}), torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps of each method: checks the bench, not speed")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions of every method (default 3, quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps per repetition (default 300)")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args()
+    reps = args.reps or (1 if args.quick else 3)
+    steps = args.steps or (8 if args.quick else 300)
+    StepTimer.warmup = 2 if args.quick else 10
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    load_at_start = round(os.getloadavg()[0], 2)
+    for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning sets its own levels at import
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|pin_memory).*")
+
+    # The whole default run first, in a fresh process, while this one has forked no DataLoader workers.
+    run_overrides = ["data.limit_train=1280", "trainer.max_epochs=1"] if args.quick else []
+    process = whole_run(run_overrides)
+    print(
+        f"python -m fcexp.train {' '.join(run_overrides)}: {process['wall_s']:.1f} s wall, "
+        f"peak RSS {process['peak_rss_mb']} MB, test accuracy {process['test_acc']:.4f}",
+        flush=True,
+    )
+
+    total = steps + StepTimer.warmup
+    methods = {
+        "fcexp": fcexp_path(total, device),
+        "common recipe, 0 workers": common_recipe(total, device, 0),
+        "common recipe, 2 workers": common_recipe(total, device, 2),
+        "hand-written loop": hand_loop(total, device),
+        "arithmetic bound": arithmetic_bound(steps, device),
+    }
+    if device == "cuda":
+        methods["fcexp, bf16 autocast"] = fcexp_path(total, device, ("trainer.precision=bf16-mixed",))
+        methods["fcexp, torch.compile"] = fcexp_path(total, device, ("model.compile=true",))
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for rep in range(reps):
+        for name, run in methods.items():
+            # Progress bars and Lightning's notices would bury the table; errors still raise.
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                samples[name].append(run())
+            print(f"rep {rep + 1}/{reps} {name:28s} {samples[name][-1]:9,.0f} samples/s", flush=True)
+
+    median = {name: statistics.median(v) for name, v in samples.items()}
+    common = max(median["common recipe, 0 workers"], median["common recipe, 2 workers"])
+    result = {
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        # Other processes on the machine: the ratios survive them, the absolute figures do not.
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": round(os.getloadavg()[0], 2),
+        "reps": reps,
+        "steps": steps,
+        "batch_size": BATCH,
+        "samples_per_s": {name: round(v) for name, v in median.items()},
+        "all_reps": {name: [round(s) for s in v] for name, v in samples.items()},
+        "ratios": {
+            "fcexp/common": round(median["fcexp"] / common, 2),
+            "fcexp/hand-written": round(median["fcexp"] / median["hand-written loop"], 2),
+            "fcexp/arithmetic": round(median["fcexp"] / median["arithmetic bound"], 2),
+        },
+        "arithmetic_gflops": round(median["arithmetic bound"] / BATCH * step_flops() / 1e9, 1),
+        "process": process,
+        "bench_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+    print(
+        f"\n{result['machine']}, {result['date']}, median of {reps} x {steps} steps, batch {BATCH}, "
+        f"load average {load_at_start} at start, {result['load_average_at_end']} at end"
+    )
+    print(f"{'method':30s} {'samples/s':>10s} {'vs fcexp':>9s}")
+    for name, value in median.items():
+        print(f"{name:30s} {value:10,.0f} {median['fcexp'] / value:8.2f}x")
+    for name, value in result["ratios"].items():
+        print(f"{name}: {value}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The benchmark runs end to end and writes every method's figure; speed itself is not asserted here."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import DATA_ROOT
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+METHODS = {"fcexp", "common recipe, 0 workers", "common recipe, 2 workers", "hand-written loop", "arithmetic bound"}
+
+
+def test_quick_bench_writes_all_methods(tmp_path, mnist_root):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--json", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FCEXP_DATA": DATA_ROOT},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["samples_per_s"]) >= METHODS
+    assert all(v > 0 for v in result["samples_per_s"].values())
+    assert set(result["ratios"]) == {"fcexp/common", "fcexp/hand-written", "fcexp/arithmetic"}
+    assert result["process"]["wall_s"] > 0 and result["process"]["peak_rss_mb"] > 0
+    assert 0.0 < result["process"]["test_acc"] <= 1.0
+    assert "fcexp/common" in proc.stdout
