@@ -42,11 +42,15 @@ class Classifier(L.LightningModule):
         in_features: int = 784,
         num_classes: int = 10,
         optimizer: OptimizerFactory | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         # The optimizer is a factory (Hydra's _partial_), not a hyperparameter a checkpoint can hold.
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
         self.net = build_mlp(in_features, hidden, num_classes, activation, dropout, batch_norm, init)
+        if compile:
+            # In place: the parameters keep their names, so checkpoints load with or without it.
+            self.net.compile()
         for lam in per_layer("l2", l2, len(linear_layers(self.net)) - 1):
             if lam < 0:
                 raise ValueError(f"model.l2 must be >= 0, got {lam}")
