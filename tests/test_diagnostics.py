@@ -1,0 +1,150 @@
+"""The diagnostics callbacks on tiny real runs: what they log to TensorBoard and write into the run folder."""
+
+import math
+from functools import partial
+
+import lightning as L
+import matplotlib.image
+import pytest
+import torch
+from conftest import compose_train
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fcexp.callbacks import GradientNorms, UnitHealth, record_activations, unit_stats
+from fcexp.data import MNISTDataModule
+from fcexp.module import Classifier
+from fcexp.train import train
+
+TINY = [
+    "data.limit_train=1280",
+    "trainer.max_epochs=2",
+    "trainer.log_every_n_steps=2",
+    "callbacks.progress.refresh_rate=0",
+]
+
+
+def events(run_dir) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="module")
+def default_run(mnist_root, tmp_path_factory):
+    """fcexp.train.train with the default callbacks (every diagnostic on): 20 steps of the seed's net."""
+    run_dir = tmp_path_factory.mktemp("run")
+    train(compose_train(*TINY, f"runs_dir={run_dir}"), run_dir, TINY)
+    return run_dir, events(run_dir)
+
+
+@pytest.mark.slow
+def test_gradient_norms_are_finite_and_per_layer(default_run):
+    _, ev = default_run
+    tags = ev.Tags()["scalars"]
+    layers = sorted(t for t in tags if t.startswith("grad_norm/layer"))
+    assert layers == ["grad_norm/layer01", "grad_norm/layer02", "grad_norm/layer03"]  # two hidden + output
+    for tag in [*layers, "grad_norm/first_over_last"]:
+        values = ev.Scalars(tag)
+        assert [e.step for e in values] == list(range(0, 20, 2))  # every log_every_n_steps
+        assert all(math.isfinite(e.value) and e.value > 0 for e in values)
+    first, last = ev.Scalars("grad_norm/layer01")[0].value, ev.Scalars("grad_norm/layer03")[0].value
+    assert ev.Scalars("grad_norm/first_over_last")[0].value == pytest.approx(first / last, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_unit_health_and_histograms_are_logged_per_layer(default_run):
+    _, ev = default_run
+    tags = ev.Tags()
+    for kind in ("dead", "inactive", "saturated", "sparsity"):
+        for layer in ("layer01", "layer02"):
+            values = ev.Scalars(f"units/{kind}/{layer}")
+            assert [e.step for e in values] == [0, 10, 20]  # training start, then each validation
+            assert all(0.0 <= e.value <= 1.0 for e in values)
+    # A freshly initialized ReLU net: about half its outputs are zero, and no unit is dead on 1,000 images.
+    assert 0.3 < ev.Scalars("units/sparsity/layer01")[0].value < 0.7
+    assert ev.Scalars("units/dead/layer01")[0].value < 0.05
+    expected = {f"{kind}/layer0{i}" for kind in ("preactivations", "activations") for i in (1, 2)}
+    expected |= {f"weights/layer0{i}" for i in (1, 2, 3)}
+    assert expected <= set(tags["histograms"])
+
+
+@pytest.mark.slow
+def test_figures_are_pngs_in_the_run_folder_and_in_tensorboard(default_run):
+    run_dir, ev = default_run
+    for name in ("train_digits", "confusion_matrix", "confident_mistakes"):
+        path = run_dir / "figures" / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        pixels = matplotlib.image.imread(path)
+        assert pixels.ndim == 3 and min(pixels.shape[:2]) > 200
+        assert f"figures/{name}" in ev.Tags()["images"]
+
+
+def measure_units(model: Classifier, run_dir) -> EventAccumulator:
+    """A real fit of one step with UnitHealth, whose first measurement (step 0) is taken before that step."""
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=TensorBoardLogger(run_dir, name="", version=""),
+        callbacks=[UnitHealth(held_out=500)],
+        limit_val_batches=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=MNISTDataModule(limit_train=256))
+    return events(run_dir)
+
+
+def at_start(ev: EventAccumulator, tag: str) -> float:
+    (first, *_) = ev.Scalars(tag)
+    assert first.step == 0
+    return first.value
+
+
+@pytest.mark.slow
+def test_a_relu_layer_pushed_negative_is_measured_dead(mnist_root, tmp_path):
+    model = Classifier(hidden=[32, 32], activation="relu", optimizer=partial(torch.optim.SGD, lr=0.01))
+    with torch.no_grad():
+        model.net[0].bias.fill_(-100.0)  # no MNIST image can lift a unit of layer 1 above zero
+    ev = measure_units(model, tmp_path)
+    assert at_start(ev, "units/dead/layer01") == 1.0
+    assert at_start(ev, "units/sparsity/layer01") == 1.0
+    assert at_start(ev, "units/inactive/layer01") == 1.0
+
+
+@pytest.mark.slow
+def test_a_sigmoid_layer_pushed_into_saturation_is_measured_saturated(mnist_root, tmp_path):
+    model = Classifier(hidden=[32, 32], activation="sigmoid", optimizer=partial(torch.optim.SGD, lr=0.01))
+    with torch.no_grad():
+        model.net[0].bias.fill_(100.0)  # sigmoid(100) = 1 in float32: derivative 0 for every image
+    ev = measure_units(model, tmp_path)
+    assert at_start(ev, "units/saturated/layer01") == 1.0
+    assert at_start(ev, "units/dead/layer01") == 0.0
+    # Layer 2 sees a constant input of ones: whatever it does, it is the same for every image.
+    assert at_start(ev, "units/saturated/layer02") < 1.0
+
+
+def test_unit_stats_on_known_activations():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.copy_(torch.tensor([0.0, 5.0, -5.0]))  # tanh'(0) = 1, tanh'(±5) ≈ 1.8e-4
+    ((act, pre, post),) = record_activations(net, torch.randn(8, 4))
+    stats = unit_stats(act, pre, post, saturation=0.01)
+    assert stats["saturated"] == pytest.approx(2 / 3)
+    assert stats["inactive"] == pytest.approx(2 / 3)  # pre-activations 0 and -5 are <= 0
+    assert stats["dead"] == pytest.approx(1 / 3) and stats["sparsity"] == pytest.approx(1 / 3)  # tanh(0) = 0
+
+
+def test_diagnostics_switch_off_one_by_one_or_all():
+    assert {"grad_norms", "unit_health", "histograms", "figures"} <= set(compose_train().callbacks)
+    assert "histograms" not in compose_train("~callbacks.histograms").callbacks
+    assert set(compose_train("callbacks=plain").callbacks) == {"checkpoint", "progress"}
+
+
+def test_bad_settings_name_the_value():
+    with pytest.raises(ValueError, match="every_n_steps must be a positive integer or null, got 0"):
+        GradientNorms(every_n_steps=0)
+    with pytest.raises(ValueError, match=r"saturation in \(0, 1\), got 1000 and 2"):
+        UnitHealth(held_out=1000, saturation=2)
