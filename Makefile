@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test bench lint format
+.PHONY: train test study bench lint format
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# The activation and data-preparation study: a Markdown report with figures (ARGS="--quick" for a 1-minute check).
+study: $(STAMP)
+	$(PY) scripts/study.py $(ARGS)
 
 # fcexp against the common Lightning recipe, a hand-written loop and the arithmetic bound (about 3 minutes).
 bench: $(STAMP)
