@@ -199,7 +199,8 @@ def plot_by_knob(jobs: list[Job], knobs: list[str], path: Path) -> None:
     done = [job for job in jobs if job.test is not None]
     cols = min(len(knobs), 3)
     rows = math.ceil(len(knobs) / cols)
-    fig = Figure(figsize=(4.5 * cols, 3.8 * rows), layout="constrained")
+    # At least 9 inches wide: the title must fit even when a single knob was swept.
+    fig = Figure(figsize=(max(4.5 * cols, 9), 3.8 * rows), layout="constrained")
     for i, knob in enumerate(knobs):
         ax = fig.add_subplot(rows, cols, i + 1)
         groups: dict[Any, list[float]] = {}
