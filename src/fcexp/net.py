@@ -42,12 +42,17 @@ ActivationSpec = str | Mapping[str, Any]
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout, but on the CPU a uniform-noise mask: same distribution, half the time of torch's bernoulli kernel."""
+    """nn.Dropout, but on the CPU each unit's coin is a 16-bit slice of a 64-bit random integer: four coins per draw
+    of the generator, a quarter of the time of torch's bernoulli kernel (p is rounded to a multiple of 1/65536)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.is_cuda:
             return super().forward(x)
-        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
+        n = x.numel()
+        draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+        coins = draws.view(torch.int16)[:n].view(x.shape)  # uniform over -32768..32767
+        dropped = round(self.p * 65536)
+        return x * (coins >= dropped - 32768) * (65536 / (65536 - dropped))
 
 
 def make_activation(spec: ActivationSpec) -> nn.Module:
