@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -245,6 +246,32 @@ def whole_run(overrides: list[str]) -> dict[str, float]:
     }
 
 
+def timed(command: list[str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "FCEXP_DATA": DATA_ROOT})
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def sweep_costs(jobs: int) -> dict[str, float]:
+    """Wall time of `jobs` one-epoch trainings: one fcexp sweep (in-process launcher, then joblib with 2 jobs)
+    against as many separate processes of the common recipe, each paying its own imports."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sweep = [sys.executable, "-m", "fcexp.train", "-m", f"seed=range(0,{jobs})", "trainer.max_epochs=1"]
+        sequential = timed([*sweep, f"runs_dir={tmp}/a", "callbacks.progress.refresh_rate=0"])
+        parallel = timed([*sweep, f"runs_dir={tmp}/b", "callbacks.progress.refresh_rate=0", "+launcher=parallel"])
+    processes = sum(timed([sys.executable, __file__, "--common-epoch"]) for _ in range(jobs))
+    return {
+        "jobs": jobs,
+        "fcexp_sweep_s": round(sequential, 1),
+        "fcexp_sweep_joblib_s": round(parallel, 1),
+        "common_recipe_processes_s": round(processes, 1),
+        "processes/fcexp_sweep": round(processes / sequential, 2),
+        "joblib/sequential": round(parallel / sequential, 2),
+    }
+
+
 def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
@@ -258,7 +285,19 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="repetitions of every method (default 3, quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per repetition (default 300)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument(
+        "--sweep",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time N one-epoch jobs as one sweep "
+        "(sequential and joblib) against N separate common-recipe processes (N=16: ~6 min here)",
+    )
+    parser.add_argument("--common-epoch", action="store_true", help=argparse.SUPPRESS)  # one process of --sweep
     args = parser.parse_args()
+    if args.common_epoch:
+        common_recipe(math.ceil(50_000 / BATCH), "cuda" if torch.cuda.is_available() else "cpu", 0)()  # fcexp's epoch
+        return
     reps = args.reps or (1 if args.quick else 3)
     steps = args.steps or (8 if args.quick else 300)
     StepTimer.warmup = 2 if args.quick else 10
@@ -320,6 +359,8 @@ def main() -> None:
         "process": process,
         "bench_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
+    if args.sweep:
+        result["sweep"] = sweep_costs(args.sweep)
 
     print(
         f"\n{result['machine']}, {result['date']}, median of {reps} x {steps} steps, batch {BATCH}, "
@@ -330,6 +371,8 @@ def main() -> None:
         print(f"{name:30s} {value:10,.0f} {median['fcexp'] / value:8.2f}x")
     for name, value in result["ratios"].items():
         print(f"{name}: {value}")
+    for name, value in result.get("sweep", {}).items():
+        print(f"sweep {name}: {value}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
