@@ -247,7 +247,7 @@ class MNISTDataModule(L.LightningDataModule):
         if self.tensors:
             return
         hp = self.hparams
-        folder = ensure_mnist(self.root)  # verified again: another process may have prepared it
+        folder = raw_dir(self.root)  # prepare_data found or rebuilt and verified it, once per machine
         images = {s: read_idx(folder / f"{s}-images-idx3-ubyte") for s in ("train", "t10k")}
         labels = {s: read_idx(folder / f"{s}-labels-idx1-ubyte") for s in ("train", "t10k")}
         cut = len(images["train"]) - hp.val_size
