@@ -32,6 +32,9 @@ USER_ERRORS = (ValueError, DataError, MisconfigurationException)
 # Lightning 2.6 under torch >= 2.10 warns at every fit about its own use of a deprecated torch API.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
+# ... and advertises a cloud logger at every fit.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not r.getMessage().startswith("💡 Tip"))
+
 # `hydra.run.dir` and `hydra.output_subdir` pick one value for a resumed run, another for a new one.
 OmegaConf.register_new_resolver(
     "if_resume", lambda resume, then, otherwise: then if resume else otherwise, replace=True
