@@ -32,10 +32,8 @@ from typing import ClassVar
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
@@ -43,7 +41,7 @@ from torchvision.datasets import MNIST
 
 from fcexp.data import MEAN, STD, encode, ensure_mnist, normalize, read_idx
 from fcexp.net import l2_penalty
-from fcexp.train import train
+from fcexp.train import compose_config, train
 
 DATA_ROOT = os.environ.get("FCEXP_DATA", str(Path("~/.cache/fcexp").expanduser()))
 BATCH = 128
@@ -79,11 +77,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compose_train(overrides: list[str]) -> DictConfig:
-    with initialize_config_module("fcexp.conf", version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
 def fcexp_path(steps: int, device: str, extra: tuple[str, ...] = ()) -> Callable[[], float]:
     """fcexp.train.train itself, with its default callbacks, logger and run record, cut to `steps` batches."""
     trainer = "gpu" if device == "cuda" else "cpu"
@@ -98,7 +91,7 @@ def fcexp_path(steps: int, device: str, extra: tuple[str, ...] = ()) -> Callable
 
     def run() -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            train(compose_train([*overrides, f"runs_dir={tmp}"]), Path(tmp), overrides)
+            train(compose_config(*overrides, f"runs_dir={tmp}"), Path(tmp), overrides)
         return StepTimer.measured.pop()
 
     return run
@@ -169,7 +162,7 @@ def training_tensors(device: str) -> tuple[torch.Tensor, torch.Tensor]:
 def hand_loop(steps: int, device: str) -> Callable[[], float]:
     """The same net, loss and fused Adam as fcexp, in a bare loop over index slices of in-memory tensors."""
     x, y = training_tensors(device)
-    cfg = compose_train([])
+    cfg = compose_config()
 
     def run() -> float:
         model = instantiate(cfg.model).to(device)

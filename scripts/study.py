@@ -22,13 +22,13 @@ import lightning as L
 import matplotlib
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from lightning.fabric.loggers.logger import Logger
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 
 from fcexp.module import Classifier, class_indices
+from fcexp.train import compose_config
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
@@ -114,8 +114,7 @@ class Study:
 
     def train(self, name: str, overrides: list[str], callbacks: list[str] = LEAN) -> Run:
         """One run of fcexp's Classifier on its composed config, with the TensorBoard logger and an in-memory one."""
-        with initialize_config_module("fcexp.conf", version_base="1.3"):
-            cfg = compose("train", overrides=[*callbacks, *self.overrides, *overrides])
+        cfg = compose_config(*callbacks, *self.overrides, *overrides)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         key = OmegaConf.to_yaml(cfg.data)  # the same data settings share one set of tensors
         if key not in self.data_cache:

@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
-from omegaconf import DictConfig
 
 from fcexp.data import ensure_mnist
 
@@ -22,11 +20,6 @@ QUICK = ["data.limit_train=12800", "trainer.max_epochs=3", "callbacks.progress.r
 def mnist_root() -> str:
     ensure_mnist(DATA_ROOT)
     return DATA_ROOT
-
-
-def compose_train(*overrides: str) -> DictConfig:
-    with initialize_config_module("fcexp.conf", version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

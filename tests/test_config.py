@@ -1,9 +1,10 @@
 from importlib.resources import files
 
 import pytest
-from conftest import compose_train
 from hydra.utils import instantiate
 from torch import nn
+
+from fcexp.train import compose_config
 
 CONF = files("fcexp.conf")
 GROUPS = {
@@ -14,12 +15,12 @@ GROUPS = {
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_config_composes(group, option):
-    cfg = compose_train(f"{group}={option}")
+    cfg = compose_config(f"{group}={option}")
     assert cfg.trainer.max_epochs == 4
 
 
 def test_default_is_the_seed():
-    cfg = compose_train()
+    cfg = compose_config()
     assert cfg.model.hidden == [512, 512] and cfg.model.dropout == 0.2
     assert list(cfg.model.batch_norm) == [False, True] and list(cfg.model.l2) == [0.0, 0.001]
     assert cfg.activation.name == "relu" and cfg.optimizer._target_ == "torch.optim.Adam"
@@ -27,13 +28,13 @@ def test_default_is_the_seed():
 
 
 def test_leaky_relu_override_builds_its_configured_slope():
-    model = instantiate(compose_train("activation=leaky_relu", "activation.negative_slope=0.2").model)
+    model = instantiate(compose_config("activation=leaky_relu", "activation.negative_slope=0.2").model)
     layers = [m for m in model.net if isinstance(m, nn.LeakyReLU)]
     assert len(layers) == 2 and all(m.negative_slope == 0.2 for m in layers)
 
 
 def test_short_overrides_reach_the_net():
-    cfg = compose_train(
+    cfg = compose_config(
         "model.hidden=[64,32,16]", "model.dropout=0.5", "model.batch_norm=true", "model.l2=0.001", "optimizer=sgd"
     )
     model = instantiate(cfg.model)

@@ -7,14 +7,13 @@ import lightning as L
 import matplotlib.image
 import pytest
 import torch
-from conftest import compose_train
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fcexp.callbacks import GradientNorms, UnitHealth, record_activations, unit_stats
 from fcexp.data import MNISTDataModule
 from fcexp.module import Classifier
-from fcexp.train import train
+from fcexp.train import compose_config, train
 
 TINY = [
     "data.limit_train=1280",
@@ -34,7 +33,7 @@ def events(run_dir) -> EventAccumulator:
 def default_run(mnist_root, tmp_path_factory):
     """fcexp.train.train with the default callbacks (every diagnostic on): 20 steps of the seed's net."""
     run_dir = tmp_path_factory.mktemp("run")
-    train(compose_train(*TINY, f"runs_dir={run_dir}"), run_dir, TINY)
+    train(compose_config(*TINY, f"runs_dir={run_dir}"), run_dir, TINY)
     return run_dir, events(run_dir)
 
 
@@ -138,9 +137,9 @@ def test_unit_stats_on_known_activations():
 
 
 def test_diagnostics_switch_off_one_by_one_or_all():
-    assert {"grad_norms", "unit_health", "histograms", "figures"} <= set(compose_train().callbacks)
-    assert "histograms" not in compose_train("~callbacks.histograms").callbacks
-    assert set(compose_train("callbacks=plain").callbacks) == {"checkpoint", "progress"}
+    assert {"grad_norms", "unit_health", "histograms", "figures"} <= set(compose_config().callbacks)
+    assert "histograms" not in compose_config("~callbacks.histograms").callbacks
+    assert set(compose_config("callbacks=plain").callbacks) == {"checkpoint", "progress"}
 
 
 def test_bad_settings_name_the_value():

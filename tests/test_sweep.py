@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import compose_train, run_cli
+from conftest import run_cli
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from fcexp import compare
+from fcexp.train import compose_config
 
 CONF = Path(__file__).parents[1] / "conf"
 # One epoch on 2,000 images with a small net: a job costs about a second once imports are paid.
@@ -66,7 +67,7 @@ def test_every_preset_composes(preset):
     assert math.prod(map(len, choices)) == SWEEP_SIZES[name]
     assert f"{SWEEP_SIZES[name]} jobs" in (CONF / "sweep" / f"{name}.yaml").read_text()
     for pick in (0, -1):
-        job = compose_train(preset, *(c[pick] for c in choices))
+        job = compose_config(preset, *(c[pick] for c in choices))
         instantiate(job.model)
 
 

@@ -3,10 +3,10 @@
 import json
 
 import pytest
-from conftest import QUICK, compose_train, run_cli
+from conftest import QUICK, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fcexp.train import train
+from fcexp.train import compose_config, train
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def test_evaluate_reproduces_the_test_accuracy(quick_run):
 
 def test_tensor_batches_honour_lightning_limits(tmp_path, mnist_root):
     overrides = [*QUICK, "trainer.max_epochs=1", "+trainer.limit_train_batches=30", "+trainer.val_check_interval=10"]
-    result = train(compose_train(*overrides), tmp_path, overrides)
+    result = train(compose_config(*overrides), tmp_path, overrides)
     assert result["history"][-1]["step"] == 30
     events = EventAccumulator(str(tmp_path))
     events.Reload()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -87,13 +87,19 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], resume: bool = F
     return result
 
 
-def resumed_config(cfg: DictConfig, run_dir: Path, extra: list[str]) -> tuple[DictConfig, list[str]]:
+def compose_config(*overrides: str) -> DictConfig:
+    """The config `python -m fcexp.train <overrides>` would run, composed outside the command (scripts, tests)."""
+    with initialize_config_module("fcexp.conf", version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def resumed_config(run_dir: Path, extra: list[str]) -> tuple[DictConfig, list[str]]:
     """The config a run was started with (recomposed from its recorded overrides), plus any new overrides."""
-    record_path = run_dir / RECORD
-    if not record_path.is_file():
+    previous = RunRecord.load(run_dir)
+    if previous is None:
         raise ValueError(f"resume={str(run_dir)!r} is not a run folder (no {RECORD}); give a folder under runs/")
-    overrides = json.loads(record_path.read_text())["overrides"] + extra
-    return hydra.compose(config_name="train", overrides=overrides), overrides
+    overrides = previous["overrides"] + extra
+    return compose(config_name="train", overrides=overrides), overrides
 
 
 @hydra.main(version_base="1.3", config_path="pkg://fcexp.conf", config_name="train")
@@ -105,7 +111,7 @@ def main(cfg: DictConfig) -> float:
     try:
         if cfg.resume:
             extra = [o for o in overrides if not o.startswith("resume=")]
-            cfg, overrides = resumed_config(cfg, run_dir, extra)
+            cfg, overrides = resumed_config(run_dir, extra)
         elif cfg.skip_finished and (previous := RunRecord.load(run_dir)) and previous["status"] == "completed":
             log.info("skipping %s: finished before (skip_finished=true)", run_dir.name)
             return previous["metrics"]["val/acc_best"]
