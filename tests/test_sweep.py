@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import printed, run_cli, run_printed
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
@@ -77,12 +77,12 @@ def grid_2x2(mnist_root, tmp_path_factory) -> tuple[Path, str]:
     cwd = tmp_path_factory.mktemp("grid")
     proc = run_cli("fcexp.train", "-m", *SMALL, "activation=relu,sigmoid", "model.dropout=0,0.2", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return only_sweep(cwd), proc.stdout
+    return only_sweep(cwd), proc.stdout, cwd
 
 
 @pytest.mark.slow
 def test_each_job_is_a_tensorboard_run_with_its_hparams(grid_2x2):
-    sweep, stdout = grid_2x2
+    sweep, stdout, cwd = grid_2x2
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 4
     for job in jobs:
@@ -95,12 +95,13 @@ def test_each_job_is_a_tensorboard_run_with_its_hparams(grid_2x2):
         assert hparams["activation"].string_value == record["hparams"]["activation"]
         assert hparams["model.dropout"].number_value == record["hparams"]["model.dropout"]
         assert events.Scalars("hp_metric")[-1].value == pytest.approx(record["metrics"]["val/acc_best"])
-    assert f"tensorboard --logdir {sweep}" in stdout
+    view = run_printed(printed(stdout, "view it") + " --inspect", cwd)  # as printed, from where it was printed
+    assert view.returncode == 0 and all(job.name in view.stdout for job in jobs), view.stderr[-2000:]
 
 
 @pytest.mark.slow
 def test_compare_ranks_the_sweep_at_its_end(grid_2x2):
-    sweep, stdout = grid_2x2
+    sweep, stdout, cwd = grid_2x2
     rows = read_csv(sweep)
     assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
     assert set(rows[0]) >= {"activation", "model.dropout", "val_acc_best", "test_acc", "train_time_s"}
@@ -111,7 +112,12 @@ def test_compare_ranks_the_sweep_at_its_end(grid_2x2):
     for png in (compare.CURVES, compare.BY_KNOB):
         assert (sweep / png).read_bytes().startswith(b"\x89PNG")
     assert f"best: activation={rows[0]['activation']}, dropout={rows[0]['model.dropout']}" in stdout
-    assert f"rerun it: python -m fcexp.train {' '.join(SMALL[:3])}" in stdout
+    rerun = printed(stdout, "rerun it")
+    assert f"-m fcexp.train {' '.join(SMALL[:3])}" in rerun and "activation=" in rerun
+    again = run_printed(rerun, cwd)
+    assert again.returncode == 0, again.stderr[-2000:]
+    (run,) = [p for p in (cwd / "runs").iterdir() if p.name != "sweeps"]
+    assert json.loads((run / "metrics.json").read_text())["hparams"]["activation"] == rows[0]["activation"]
 
 
 @pytest.mark.slow

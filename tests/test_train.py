@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import QUICK, run_cli
+from conftest import QUICK, printed, run_cli, run_printed
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fcexp.train import compose_config, train
@@ -18,11 +18,11 @@ def quick_run(mnist_root, tmp_path_factory):
     proc = run_cli("fcexp.train", *QUICK, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (cwd / "runs").iterdir()
-    return run_dir, proc
+    return run_dir, proc, cwd
 
 
 def test_short_run_learns(quick_run):
-    run_dir, _ = quick_run
+    run_dir, _, _ = quick_run
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "completed"
     assert record["metrics"]["val/acc_best"] > 0.90
@@ -33,15 +33,16 @@ def test_short_run_learns(quick_run):
 
 
 def test_run_folder_holds_config_checkpoints_and_events(quick_run):
-    run_dir, proc = quick_run
+    run_dir, proc, cwd = quick_run
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert list((run_dir / "checkpoints").glob("best-epoch*.ckpt"))
-    assert f"tensorboard --logdir {run_dir}" in proc.stderr + proc.stdout
+    view = run_printed(printed(proc.stdout, "view it") + " --inspect", cwd)  # runs as printed
+    assert view.returncode == 0 and str(run_dir.name) in view.stdout, view.stderr[-2000:]
 
 
 def test_tensorboard_reads_scalars_and_hparams(quick_run):
-    run_dir, _ = quick_run
+    run_dir, _, _ = quick_run
     events = EventAccumulator(str(run_dir))
     events.Reload()
     tags = events.Tags()["scalars"]
@@ -54,7 +55,7 @@ def test_tensorboard_reads_scalars_and_hparams(quick_run):
 
 
 def test_evaluate_reproduces_the_test_accuracy(quick_run):
-    run_dir, _ = quick_run
+    run_dir, _, _ = quick_run
     record = json.loads((run_dir / "metrics.json").read_text())
     proc = run_cli("fcexp.evaluate", f"ckpt_path='{run_dir / 'checkpoints' / 'last.ckpt'}'", cwd=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]

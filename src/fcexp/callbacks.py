@@ -6,16 +6,21 @@ Scalars go straight to the loggers (not `self.log`), only when measured, so a ru
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from fcexp.module import class_indices
 from fcexp.net import ACTIVATIONS, linear_layers
 
+log = logging.getLogger("fcexp")
 ACTIVATION_TYPES = tuple(set(ACTIVATIONS.values()))
 # Evenly spaced histogram bins: TensorBoard's default (~1,500 exponential edges) takes 10x longer on a 784x512 weight.
 BINS = 64
@@ -87,6 +92,61 @@ def unit_stats(activation: nn.Module, pre: torch.Tensor, post: torch.Tensor, sat
         "saturated": (derivative.mean(0) < saturation).float().mean().item(),
         "sparsity": zero.float().mean().item(),
     }
+
+
+class EpochLines(ProgressBar):
+    """The progress display for a log file: one line per epoch with its losses, accuracy and elapsed time."""
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+        self.started = 0.0
+        self.first_epoch = self.printed = -1
+
+    def disable(self) -> None:  # Lightning disables the display on every rank but 0
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = time.monotonic()
+        self.first_epoch = trainer.current_epoch  # a resumed run prints only the epochs it trains
+
+    # As in RunRecord: an epoch's train metrics are logged after its last hook, so it is printed when the next
+    # one starts, and the last one when training ends.
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print(trainer, trainer.current_epoch - 1)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print(trainer, trainer.current_epoch - 1)
+
+    def _print(self, trainer: L.Trainer, epoch: int) -> None:
+        m = trainer.callback_metrics
+        if not self.enabled or epoch < max(self.first_epoch, self.printed + 1) or "val/acc" not in m:
+            return
+        self.printed = epoch
+        log.info(
+            "epoch %d/%d: train loss %.4f, val loss %.4f, val acc %.4f, %.1f s",
+            epoch + 1,
+            trainer.max_epochs,
+            m.get("train/loss", float("nan")),
+            m["val/loss"],
+            m["val/acc"],
+            time.monotonic() - self.started,
+        )
+
+
+def progress_bar(refresh_rate: int = 25) -> ProgressBar:
+    """tqdm's bars on a terminal; when stdout goes to a file, one line per epoch instead of a bar's redraws.
+
+    `refresh_rate` is in steps; 0 turns the progress display off.
+    """
+    if not isinstance(refresh_rate, int) or refresh_rate < 0:
+        raise ValueError(f"callbacks.progress.refresh_rate must be an integer >= 0 (0: off), got {refresh_rate!r}")
+    if sys.stdout.isatty() or refresh_rate == 0:
+        return TQDMProgressBar(refresh_rate=refresh_rate)
+    return EpochLines()
 
 
 class GradientNorms(L.Callback):
@@ -169,7 +229,8 @@ class Histograms(L.Callback):
 
 class Figures(L.Callback):
     """PNGs in `<run folder>/<folder>/` and the same images in TensorBoard: a 3x3 grid of training digits with their
-    labels (at fit start), the test confusion matrix and the `mistakes` most confident test mistakes (at test end).
+    labels (when training starts), the test confusion matrix and the `mistakes` most confident test mistakes (at
+    test end).
 
     Under DDP the test figures show rank zero's share of the test set.
     """
@@ -196,9 +257,9 @@ class Figures(L.Callback):
             )
         return path
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.global_step > 0:
+            return  # a resumed run drew them when it started
         x, y = next(iter(trainer.datamodule.train_dataloader()))
         labels = class_indices(y[:9]).tolist()
         titles = [f"label {label}" for label in labels]

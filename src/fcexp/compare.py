@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure  # the object API needs no backend or display: PNGs on any machine
 from omegaconf import DictConfig, OmegaConf
 
-from fcexp.record import RECORD, RunRecord, flat_hparams
+from fcexp.record import RECORD, RunRecord, fcexp_command, flat_hparams, shell_program
 
 log = logging.getLogger("fcexp")
 
@@ -71,7 +71,7 @@ class Job:
             for o in self.overrides
             if not _override_key(o).startswith("hydra.") and _override_key(o) not in NOT_THE_JOB
         ]
-        return " ".join(["python -m fcexp.train", *map(shlex.quote, kept)])
+        return fcexp_command(*kept)
 
 
 def _override_key(override: str) -> str:
@@ -272,7 +272,7 @@ class CompareAtEnd(Callback):
             print(report(sweep_dir))
         except Exception as err:  # the jobs' results are safe on disk; a failed report must not fail the sweep
             log.error("compare failed (%s); retry with: python -m fcexp.compare %s", err, sweep_dir)
-        print(f"view it: tensorboard --logdir {sweep_dir}")
+        print(f"view it: {shell_program('tensorboard')} --logdir {shlex.quote(str(sweep_dir))}")
 
 
 def main(argv: list[str] | None = None) -> None:

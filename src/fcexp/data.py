@@ -192,20 +192,22 @@ class TensorLoader:
 
     batch_sampler = None  # Lightning looks for one; `sampler` is where it calls set_epoch each epoch
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, sampler: ShardSampler):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, sampler: ShardSampler, skip: int = 0):
         self.x, self.y, self.batch_size, self.sampler = x, y, batch_size, sampler
+        self.skip = skip  # batches the first pass leaves out: those a run resumed mid-epoch has trained on
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self):
+        start, self.skip = self.skip * self.batch_size, 0
         idx = self.sampler.indices()
         if idx is None:
-            for i in range(0, len(self.x), self.batch_size):
+            for i in range(start, len(self.x), self.batch_size):
                 yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
             return
         idx = idx.to(self.x.device)
-        for i in range(0, len(idx), self.batch_size):
+        for i in range(start, len(idx), self.batch_size):
             j = idx[i : i + self.batch_size]
             yield self.x[j], self.y[j]
 
@@ -236,6 +238,10 @@ class MNISTDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_size must be between 1 and 59999, got {val_size!r}")
         if limit_train is not None and limit_train <= 0:
             raise ValueError(f"data.limit_train must be a positive integer or null, got {limit_train!r}")
+        if not 0 <= seed < 2**32:
+            raise ValueError(
+                f"data.seed must be an integer from 0 to {2**32 - 1} (normally the run's seed), got {seed}"
+            )
         self.save_hyperparameters()
         self.root = root
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -270,7 +276,12 @@ class MNISTDataModule(L.LightningDataModule):
         return TensorLoader(x, y, batch_size, ShardSampler(len(x), shuffle, self.hparams.seed, rank, world))
 
     def train_dataloader(self) -> TensorLoader:
-        return self._loader("train", True, self.hparams.batch_size)
+        loader = self._loader("train", True, self.hparams.batch_size)
+        if self.trainer is not None and self.trainer.fit_loop.restarting:
+            # A run resumed from a mid-epoch checkpoint (Ctrl-C) continues that epoch's batch order where it stopped;
+            # Lightning restores its batch count first and would otherwise feed the epoch's first batches again.
+            loader.skip = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return loader
 
     def val_dataloader(self) -> TensorLoader:
         return self._loader("val", False, self.hparams.eval_batch_size)

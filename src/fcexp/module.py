@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from fcexp.net import OUTPUT_ACTIVATIONS, build_mlp, l2_penalty, linear_layers, per_layer
+from fcexp.net import OUTPUT_ACTIVATIONS, build_mlp, check_hidden, check_per_layer, l2_penalty, linear_layers, per_layer
 
 # Lightning sets this at import so CUDA stays uninitialized across forks; but then every optimizer step
 # re-probes NVML (a dlopen, ~0.3 ms a step on a machine without a GPU). fcexp's DDP launches
@@ -25,6 +25,18 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 def class_indices(y: torch.Tensor) -> torch.Tensor:
     """Targets arrive one-hot (the seed) or as class indices; metrics want indices."""
     return y.argmax(dim=1) if y.ndim == 2 else y
+
+
+def check_optimizer(factory: OptimizerFactory) -> None:
+    """Refuse bad optimizer settings now, with the optimizer's own reason, not when training starts."""
+    settings = getattr(factory, "keywords", {})
+    if "lr" in settings and not (isinstance(settings["lr"], (int, float)) and settings["lr"] > 0):
+        raise ValueError(f"optimizer.lr must be > 0, got {settings['lr']!r}")
+    try:
+        factory([torch.zeros(1, requires_grad=True)])
+    except (ValueError, TypeError, RuntimeError) as err:
+        name = getattr(getattr(factory, "func", factory), "__name__", "optimizer")
+        raise ValueError(f"optimizer {name} refuses {dict(settings)}: {err}") from None
 
 
 class Classifier(L.LightningModule):
@@ -47,18 +59,21 @@ class Classifier(L.LightningModule):
         super().__init__()
         # The optimizer is a factory (Hydra's _partial_), not a hyperparameter a checkpoint can hold.
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        knobs = {"model.dropout": (dropout, float), "model.batch_norm": (batch_norm, bool), "model.l2": (l2, float)}
+        check_per_layer(len(check_hidden(hidden)), knobs)
         self.net = build_mlp(in_features, hidden, num_classes, activation, dropout, batch_norm, init)
+        # One image: the model summary shows each layer's shapes and the FLOPs of one forward pass.
+        self.example_input_array = torch.zeros(1, in_features)
         if compile:
             # In place: the parameters keep their names, so checkpoints load with or without it.
             self.net.compile()
-        for lam in per_layer("l2", l2, len(linear_layers(self.net)) - 1):
+        for lam in per_layer("model.l2", l2, len(linear_layers(self.net)) - 1):
             if lam < 0:
                 raise ValueError(f"model.l2 must be >= 0, got {lam}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
-        lr = getattr(optimizer, "keywords", {}).get("lr")
-        if lr is not None and not lr > 0:
-            raise ValueError(f"optimizer.lr must be > 0, got {lr}")
+        if optimizer is not None:
+            check_optimizer(optimizer)
         self.optimizer = optimizer
         self.output_activation = OUTPUT_ACTIVATIONS["multiclass"]
         # validate_args=False: the per-step input checks cost more than the update itself.
@@ -67,6 +82,7 @@ class Classifier(L.LightningModule):
         )
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # in checkpoints: a resumed run remembers its best epoch so far
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

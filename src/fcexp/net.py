@@ -70,16 +70,42 @@ def make_activation(spec: ActivationSpec) -> nn.Module:
         raise ValueError(f"activation {name!r} does not take {params}: {err}") from None
 
 
-def per_layer(name: str, value: Any, depth: int) -> list:
-    """Broadcast a scalar to every hidden layer, or check that a list gives one value per layer."""
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        if len(value) != depth:
-            raise ValueError(
-                f"{name} has {len(value)} values {list(value)} but the net has {depth} hidden layers; "
-                f"give one value for all layers or a list of {depth}"
-            )
-        return list(value)
-    return [value] * depth
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str)
+
+
+def per_layer(name: str, value: Any, depth: int, kind: type = float) -> list:
+    """Broadcast a scalar to every hidden layer, or check that a list gives one value per layer, each of `kind`."""
+    values = list(value) if _is_list(value) else [value] * depth
+    fits = (
+        (lambda v: isinstance(v, bool))
+        if kind is bool
+        else (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    )
+    if not all(map(fits, values)):
+        what = "true or false" if kind is bool else "a number"
+        raise ValueError(f"{name} must be {what} or a list of them (one per hidden layer), got {value!r}")
+    if len(values) != depth:
+        raise ValueError(
+            f"{name} has {len(values)} values {values} but the net has {depth} hidden layers; "
+            f"give one value for all layers or a list of {depth}"
+        )
+    return values
+
+
+def check_per_layer(depth: int, values: Mapping[str, tuple[Any, type]]) -> None:
+    """Check each per-layer knob's type, then name every list whose length is not the net's depth in one message,
+    so that one retry fixes them all. `values` maps a knob's name to its value and the type of its entries."""
+    for name, (value, kind) in values.items():
+        per_layer(name, value, len(value) if _is_list(value) else depth, kind)
+    wrong = [
+        f"{name} has {len(v)} values {list(v)}" for name, (v, _) in values.items() if _is_list(v) and len(v) != depth
+    ]
+    if wrong:
+        raise ValueError(
+            f"the net has {depth} hidden layers but {' and '.join(wrong)}; "
+            f"give one value for all layers or a list of {depth} each"
+        )
 
 
 def check_hidden(hidden: Sequence[int]) -> list[int]:
@@ -104,7 +130,7 @@ def build_mlp(
     """
     sizes = check_hidden(hidden)
     dropouts = per_layer("dropout", dropout, len(sizes))
-    norms = per_layer("batch_norm", batch_norm, len(sizes))
+    norms = per_layer("batch_norm", batch_norm, len(sizes), kind=bool)
     for p in dropouts:
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {p}")

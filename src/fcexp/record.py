@@ -1,17 +1,27 @@
-"""A run's record: metrics.json (status, history, final metrics, hyperparameters, wall time) and its HParams entry."""
+"""A run's record: metrics.json (status, history, final metrics, hyperparameters, wall time, how to reproduce it)
+and what a resume needs to continue exactly where the run stopped."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
+from datetime import datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 RECORD = "metrics.json"
@@ -56,32 +66,117 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     os.replace(tmp, path)  # readers (compare on a running sweep) never see half a file
 
 
-def resume_checkpoint(run_dir: Path) -> Path:
+def resume_checkpoint(run_dir: Path) -> Path | None:
     """The newest of a run's resumable checkpoints: `last` (end of an epoch) or `interrupted` (Ctrl-C)."""
     found = [p for p in (run_dir / CHECKPOINTS / "last.ckpt", run_dir / CHECKPOINTS / INTERRUPTED) if p.is_file()]
-    if not found:
-        raise ValueError(f"resume={str(run_dir)!r} has no checkpoint to resume from in {CHECKPOINTS}/")
-    return max(found, key=lambda p: p.stat().st_mtime)
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The number of optimizer steps a checkpoint has taken: where a run resumed from it continues."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+
+
+def shell_program(name: str) -> str:
+    """How the user's shell reaches this environment's `name` (python, tensorboard): the bare name when PATH finds
+    this environment's copy first (an activated venv), else its path, relative when under the working directory."""
+    here = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), name)
+    found = shutil.which(name)
+    if found and os.path.abspath(found) == here:
+        return name
+    relative = os.path.relpath(here)
+    return relative if not relative.startswith("..") else here
+
+
+def fcexp_command(*args: str) -> str:
+    """`python -m fcexp.train <args>` as it runs from the user's shell."""
+    return shlex.join([shell_program("python"), "-m", "fcexp.train", *args])
+
+
+def _git_state() -> dict[str, Any] | None:
+    """The commit of the checkout fcexp runs from, and whether it has changes; None for an installed copy."""
+    source = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    return None if commit is None else {"commit": commit, "dirty": bool(git("status", "--porcelain"))}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance() -> dict[str, Any]:
+    """What reproducing a run needs besides its config: the command, code version, libraries, device and host."""
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "lightning", "hydra-core", "torchmetrics", "fcexp"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    device: dict[str, Any] = {"cpu": _cpu_model(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        device |= {"gpus": count, "gpu": [torch.cuda.get_device_name(i) for i in range(count)]}
+        device["cuda"] = torch.version.cuda
+    # `python -m fcexp.train` leaves the module's path in argv[0]; a sweep's workers have their launcher's argv.
+    command = fcexp_command(*sys.argv[1:]) if sys.argv and sys.argv[0].endswith("train.py") else None
+    return {
+        "command": command,
+        "cwd": os.getcwd(),
+        "git": _git_state(),
+        "versions": versions,
+        "device": device,
+        "host": socket.gethostname(),
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
 
 
 class RunRecord(L.Callback):
-    """Keeps metrics.json current: status "running" with the history so far, then the final result."""
+    """Keeps metrics.json current: status "running" with the history so far, then the final result.
 
-    def __init__(self, run_dir: Path, hparams: Mapping[str, Any], overrides: list[str], resume: bool = False):
+    It also carries, in every checkpoint, the random state a resumed run needs to draw the same dropout masks as
+    an uninterrupted one (the data order is a function of seed and epoch alone).
+    """
+
+    def __init__(self, run_dir: Path, overrides: list[str], resume: bool = False):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / RECORD
         self.run_dir.mkdir(parents=True, exist_ok=True)
         previous = self.load(run_dir) if resume else None
-        # A resumed run keeps its history and adds to its wall time.
+        # A resumed run keeps its history, provenance and hyperparameters and adds to its wall time.
         self.started = time.time() - (previous["wall_time_s"] if previous else 0.0)
         self.record: dict[str, Any] = {
             "status": "running",
             "overrides": overrides,
-            "hparams": dict(hparams),
+            "hparams": previous["hparams"] if previous else {},
             "history": previous["history"] if previous else [],
             "metrics": {},
             "wall_time_s": 0.0,
+            "provenance": previous.get("provenance") if previous else provenance(),
+            "resumes": previous.get("resumes", []) if previous else [],
         }
+        self.resumed = previous is not None
+        if self.resumed:
+            self.record["resumes"].append(
+                {k: v for k, v in provenance().items() if k in ("command", "host", "started")}
+            )
+        self.save()
+
+    def describe(self, hparams: Mapping[str, Any]) -> None:
+        self.record["hparams"] = dict(hparams)
         self.save()
 
     @staticmethod
@@ -93,6 +188,25 @@ class RunRecord(L.Callback):
         self.record["wall_time_s"] = round(time.time() - self.started, 3)
         if rank_zero_only.rank == 0:
             write_json(self.path, self.record)
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"rng": rng}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rng = state_dict["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Epochs a killed run recorded after its newest checkpoint are trained again: they are recorded again.
+        self.record["history"] = [h for h in self.record["history"] if h["step"] <= trainer.global_step]
+        if self.resumed:
+            self.record["resumes"][-1]["from_step"] = trainer.global_step
+        self.save()
 
     # An epoch's train and val metrics are all logged only once its last hook has run, so each epoch
     # is recorded when the next one starts, and the last one when training ends.
@@ -115,7 +229,6 @@ class RunRecord(L.Callback):
             # Lightning turns Ctrl-C into an exit; first keep what a resume needs.
             trainer.save_checkpoint(self.run_dir / CHECKPOINTS / INTERRUPTED, weights_only=False)
             self.fail(exception, trainer.callback_metrics)
-            rank_zero_info(f"interrupted; continue with: python -m fcexp.train resume={self.run_dir}")
 
     def fail(self, error: BaseException, metrics: Mapping[str, Any]) -> None:
         """Record a run that ended early: "interrupted" (Ctrl-C) or "failed" with its error."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -19,59 +21,99 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig
 
+import fcexp.conf  # noqa: F401  registers the configs' resolvers, also in a sweep's worker processes
 from fcexp.data import DataError
-from fcexp.record import RECORD, RunRecord, flat_hparams, resume_checkpoint
+from fcexp.record import (
+    RECORD,
+    RunRecord,
+    checkpoint_step,
+    fcexp_command,
+    flat_hparams,
+    resume_checkpoint,
+    shell_program,
+)
+from fcexp.schema import validated
 
 log = logging.getLogger("fcexp")
 
 # What a user can fix by changing a value: reported as one line, not a traceback.
 USER_ERRORS = (ValueError, DataError, MisconfigurationException)
 
-# Lightning 2.6 under torch >= 2.10 warns at every fit about its own use of a deprecated torch API.
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
-# ... and advertises a cloud logger at every fit.
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not r.getMessage().startswith("💡 Tip"))
+def _no_tips(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip")
 
-# `hydra.run.dir` and `hydra.output_subdir` pick one value for a resumed run, another for a new one.
-OmegaConf.register_new_resolver(
-    "if_resume", lambda resume, then, otherwise: then if resume else otherwise, replace=True
-)
+
+def quiet_lightning() -> None:
+    """Silence what Lightning prints at every fit that no user can act on. Every entry point calls this first."""
+    # Lightning 2.6 under torch >= 2.10 warns about its own use of a deprecated torch API.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Short runs (data.limit_train) have fewer batches than the logging interval; the epoch metrics still log.
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging")
+    # A resumed run's checkpoint folder holds its earlier checkpoints by design.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Lightning advertises a cloud logger at every fit.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)
+
+
+def user_error(err: InstantiationException) -> Exception:
+    """What Hydra's wrapping hides: the constructor's own error, or one line for a target or argument it refused."""
+    cause = err.__cause__
+    if isinstance(cause, (*USER_ERRORS, FloatingPointError)):
+        return cause
+    link = cause
+    while link is not None:
+        if isinstance(link, SyntaxError):
+            return cause  # fcexp's own code is broken: that is a traceback, not a value to change
+        link = link.__cause__ or link.__context__
+    lines = [line.strip() for line in str(cause or err).splitlines() if "HYDRA_FULL_ERROR" not in line]
+    return ValueError(" ".join(line for line in lines if line))
 
 
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str], resume: bool = False) -> dict:
     """Train, test and record one run in `run_dir`; returns its metrics.json content.
 
-    With `resume`, training continues from the run's newest checkpoint in the same folder and TensorBoard run.
+    With `resume`, training continues from the run's newest checkpoint (its step, epoch, optimizer and random
+    state) in the same folder and TensorBoard run; without a checkpoint it starts again from step 0.
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    record = RunRecord(run_dir, flat_hparams(cfg, overrides), overrides, resume=resume)
+    record = RunRecord(run_dir, overrides, resume=resume)
     trainer = None
     try:
+        cfg = validated(cfg)
+        record.describe(flat_hparams(cfg, overrides))
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = instantiate(cfg.data)
         model = instantiate(cfg.model)
-        # The run folder is the TensorBoard run: a sweep's runs are named by their folders.
-        logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
-        callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [record]
+        ckpt_path = resume_checkpoint(run_dir) if resume else None
+        # The run folder is the TensorBoard run. A resumed run first drops the events the stopped one logged after
+        # its checkpoint (TensorBoard's purge_step), so no step shows twice. Events reach the disk every 2 s (not
+        # torch's 120): TensorBoard shows a run as it trains, and a killed run loses at most those seconds.
+        purge_step = (checkpoint_step(ckpt_path) if ckpt_path else 0) if resume else None
+        logger = TensorBoardLogger(
+            save_dir=run_dir, name="", version="", default_hp_metric=False, purge_step=purge_step, flush_secs=2
+        )
+        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [record]
         if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise ValueError(
                 f"trainer.accelerator={cfg.trainer.accelerator} needs CUDA, which this machine lacks; "
                 "use trainer=auto or trainer=cpu"
             )
         trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=run_dir)
-        ckpt_path = resume_checkpoint(run_dir) if resume else None
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = dict(trainer.callback_metrics)  # test resets callback_metrics
         # The seed evaluates the model as training left it, not the best checkpoint.
         trainer.test(model, datamodule=datamodule, verbose=False)
     except BaseException as err:
-        if isinstance(err, InstantiationException) and err.__cause__ is not None:
-            err = err.__cause__  # the constructor's own message, without Hydra's wrapping
+        if isinstance(err, InstantiationException):
+            err = user_error(err)
         record.fail(err, trainer.callback_metrics if trainer is not None else {})
+        if record.record["status"] == "interrupted":
+            raise KeyboardInterrupt from None  # Lightning turns Ctrl-C into exit(1); it is still an interrupt
         raise err from None
     metrics |= trainer.callback_metrics
     result = record.finish(metrics)
@@ -93,31 +135,56 @@ def compose_config(*overrides: str) -> DictConfig:
         return compose("train", overrides=list(overrides))
 
 
-def resumed_config(run_dir: Path, extra: list[str]) -> tuple[DictConfig, list[str]]:
+def resumed_config(previous: dict, extra: list[str]) -> tuple[DictConfig, list[str]]:
     """The config a run was started with (recomposed from its recorded overrides), plus any new overrides."""
-    previous = RunRecord.load(run_dir)
-    if previous is None:
-        raise ValueError(f"resume={str(run_dir)!r} is not a run folder (no {RECORD}); give a folder under runs/")
-    overrides = previous["overrides"] + extra
+    overrides = previous["overrides"] + [o for o in extra if not o.startswith("resume=")]
     return compose(config_name="train", overrides=overrides), overrides
+
+
+def finish_sweep_command(sweep_dir: Path) -> str:
+    """The command that reruns this sweep into its folder, skipping the jobs that completed."""
+    keep = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweep.dir=", "skip_finished="))]
+    return fcexp_command(*keep, f"hydra.sweep.dir={sweep_dir}", "skip_finished=true")
+
+
+def _remove_if_refused(run_dir: Path) -> bool:
+    """Remove a new run's folder when it holds only what was written before its values were refused."""
+    written_first = {".hydra", RECORD, "train.log", "hparams.yaml"}
+    if not run_dir.is_dir() or any(p.name not in written_first for p in run_dir.iterdir()):
+        return False
+    shutil.rmtree(run_dir)
+    return True
 
 
 @hydra.main(version_base="1.3", config_path="pkg://fcexp.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    quiet_lightning()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
+    previous = RunRecord.load(run_dir)
+    # Under DDP every rank runs this; only rank 0 speaks.
+    say = log.info if rank_zero_only.rank == 0 else log.debug
     try:
-        if cfg.resume:
-            extra = [o for o in overrides if not o.startswith("resume=")]
-            cfg, overrides = resumed_config(run_dir, extra)
-        elif cfg.skip_finished and (previous := RunRecord.load(run_dir)) and previous["status"] == "completed":
-            log.info("skipping %s: finished before (skip_finished=true)", run_dir.name)
-            return previous["metrics"]["val/acc_best"]
-        result = train(cfg, run_dir, overrides, resume=bool(cfg.resume))
+        if cfg.resume:  # conf/__init__.py checked that it is a run folder
+            cfg, overrides = resumed_config(previous, overrides)
+            resume = True
+        elif previous is not None and previous["status"] == "completed" and rank_zero_only.rank == 0:
+            if cfg.skip_finished:
+                say("skipping %s: finished before (skip_finished=true)", run_dir.name)
+                return previous["metrics"]["val/acc_best"]
+            fix = "rerun the sweep with skip_finished=true" if multirun else f"continue it with resume={run_dir}"
+            raise ValueError(f"{run_dir} holds a completed run; {fix}, or start in a new folder")
+        else:
+            # A sweep rerun (skip_finished) continues its stopped jobs from their checkpoints.
+            resume = previous is not None and bool(cfg.skip_finished)
+        result = train(cfg, run_dir, overrides, resume=resume)
     except KeyboardInterrupt:
-        log.error("interrupted; continue with: python -m fcexp.train resume=%s", run_dir)
+        if rank_zero_only.rank == 0:
+            print(f"interrupted; continue this run with: {fcexp_command(f'resume={run_dir}')}", file=sys.stderr)
+            if multirun:
+                print(f"finish the sweep with: {finish_sweep_command(run_dir.parent)}", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
         if multirun:
@@ -126,12 +193,18 @@ def main(cfg: DictConfig) -> float:
             return math.nan
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(err, (*USER_ERRORS, FloatingPointError)):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        refused = isinstance(err, USER_ERRORS) and previous is None and _remove_if_refused(run_dir)
+        if rank_zero_only.rank == 0:
+            # Its own line, even after a progress bar that did not end one.
+            print(f"\nerror: {err}" if sys.stderr.isatty() else f"error: {err}", file=sys.stderr)
+            if not refused:
+                print(f"run folder: {run_dir}", file=sys.stderr)
         sys.exit(2 if isinstance(err, USER_ERRORS) else 1)
     best = result["metrics"]["val/acc_best"]
-    log.info("test accuracy %.4f, best val accuracy %.4f", result["metrics"]["test/acc"], best)
-    log.info("run folder: %s", run_dir)
-    log.info("view it: tensorboard --logdir %s", run_dir.parent if multirun else run_dir)
+    say("test accuracy %.4f, best val accuracy %.4f", result["metrics"]["test/acc"], best)
+    say("run folder: %s", run_dir)
+    if not multirun:
+        say("view it: %s --logdir %s", shell_program("tensorboard"), shlex.quote(str(run_dir)))
     return best
 
 
