@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DATA_ROOT, QUICK, run_cli
+from fcexp.conf import RUN_DIR_FORMAT, claim_folder
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
@@ -287,3 +289,74 @@ def test_parallel_preparation_yields_one_good_copy(tmp_path):
         folders = pool.map(ensure_mnist, [root, root])
     assert folders[0] == folders[1]
     verify_idx(folders[0])
+
+
+def test_folders_claimed_in_the_same_second_are_distinct(tmp_path):
+    now = time.time()
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        folders = pool.starmap(claim_folder, [(tmp_path, now)] * 4)
+    stamp = time.strftime(RUN_DIR_FORMAT, time.localtime(now))
+    assert sorted(p.name for p in folders) == [stamp, f"{stamp}_01", f"{stamp}_02", f"{stamp}_03"]
+
+
+@pytest.mark.slow
+def test_runs_started_together_get_a_folder_each(tmp_path, mnist_root):
+    tiny = ["data.limit_train=1280", "trainer.max_epochs=1", "callbacks=plain"]
+    procs = [start_run(tmp_path, *tiny, f"seed={seed}") for seed in range(4)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 4
+    records = [json.loads((f / "metrics.json").read_text()) for f in folders]
+    assert sorted(r["hparams"]["seed"] for r in records) == [0, 1, 2, 3]
+    assert all(r["status"] == "completed" and len(r["history"]) == 1 for r in records)
+    writers = []  # events.out.tfevents.<time>.<host>.<pid>.<n>: each folder's events come from one process
+    for folder, record in zip(folders, records, strict=True):
+        (pid,) = {p.name.split(".")[-2] for p in folder.glob("events.out.tfevents.*")}
+        writers.append(pid)
+        assert OmegaConf.load(folder / ".hydra" / "config.yaml").seed == record["hparams"]["seed"]
+    assert len(set(writers)) == 4
+
+
+@pytest.mark.slow
+def test_a_completed_run_is_never_overwritten(tmp_path, mnist_root):
+    tiny = ["data.limit_train=1280", "trainer.max_epochs=1", "callbacks=plain", "callbacks.progress.refresh_rate=0"]
+    first = run_cli("fcexp.train", *tiny, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    before = (run_dir / "metrics.json").read_text(), (run_dir / ".hydra" / "config.yaml").read_text()
+    again = run_cli("fcexp.train", *tiny, "seed=5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr.strip() == (
+        f"error: {run_dir} holds a completed run; continue it with resume={run_dir}, or start in a new folder"
+    )
+    assert ((run_dir / "metrics.json").read_text(), (run_dir / ".hydra" / "config.yaml").read_text()) == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_prints_the_command_that_finishes_it(tmp_path, mnist_root):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcexp.train", "-m", *QUICK, "data.limit_train=25600", "seed=0,1,2"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CLI_ENV,
+    )
+    wait_for(tmp_path / "runs" / "sweeps", proc)
+    (sweep,) = (tmp_path / "runs" / "sweeps").iterdir()
+    job = {seed: sweep / f"data.limit_train=25600,seed={seed},trainer.max_epochs=3" for seed in range(3)}
+    wait_for(job[1] / "checkpoints" / "last.ckpt", proc)  # the first job done, the second under way
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    finish = [line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("finish the sweep with: ")]
+    assert len(finish) == 1 and f"hydra.sweep.dir={sweep}" in finish[0] and "skip_finished=true" in finish[0]
+    assert not job[2].exists()
+    done = subprocess.run(finish[0], shell=True, cwd=tmp_path, capture_output=True, text=True, env=CLI_ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("finished before (skip_finished=true)") == 1  # seed=0 is not trained again
+    records = {seed: json.loads((folder / "metrics.json").read_text()) for seed, folder in job.items()}
+    assert [r["status"] for r in records.values()] == ["completed"] * 3
+    assert records[1]["resumes"][0]["from_step"] > 0  # the interrupted job continued, not restarted

@@ -137,6 +137,55 @@ def test_compare_reports_a_sweep_still_running(grid_2x2, tmp_path):
     assert rows[3]["activation"] in ("relu", "sigmoid")  # read from the config Hydra saved
 
 
+@pytest.mark.slow
+def test_compare_lists_the_jobs_an_interrupted_sweep_never_started(grid_2x2, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(grid_2x2[0], sweep)
+    (never,) = [p for p in sweep.iterdir() if p.name.startswith("activation=sigmoid,") and "dropout=0.2," in p.name]
+    hparams = json.loads((never / "metrics.json").read_text())["hparams"]
+    shutil.rmtree(never)  # stopped before Hydra made its folder: only multirun.yaml knows it
+    text = compare.report(sweep)
+    assert "4 jobs" in text and "3 completed, 1 no record" in text
+    *started, unstarted = read_csv(sweep)
+    assert unstarted["status"] == "no record" and unstarted["folder"] == never.name
+    assert (unstarted["activation"], unstarted["model.dropout"]) == ("sigmoid", "0.2")
+    assert (hparams["activation"], hparams["model.dropout"]) == ("sigmoid", 0.2)
+    assert ("sigmoid", "0.2") not in {(r["activation"], r["model.dropout"]) for r in started}
+    # Knowing only its overrides (no seed, no depth) does not make knobs of what the others record.
+    assert list(unstarted)[1:4] == ["activation", "model.dropout", "val_acc_best"]
+    # An Optuna study picks each trial from the results so far: it has no plan to find unstarted jobs in.
+    multirun = OmegaConf.load(sweep / "multirun.yaml")
+    multirun.hydra.sweeper._target_ = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    OmegaConf.save(multirun, sweep / "multirun.yaml")
+    assert "3 jobs" in compare.report(sweep)
+
+
+@pytest.mark.slow
+def test_compare_shows_the_commit_only_when_jobs_ran_from_different_code(grid_2x2, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(grid_2x2[0], sweep)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    old, new = "ffe330b" + "0" * 33, "2da120d" + "0" * 33
+
+    def ran_from(job: Path, git: dict | None) -> None:
+        record = json.loads((job / "metrics.json").read_text())
+        record["provenance"]["git"] = git
+        (job / "metrics.json").write_text(json.dumps(record))
+
+    for git in (None, {"commit": new, "dirty": True}):  # an installed copy; one checkout, changes and all
+        for job in jobs:
+            ran_from(job, git)
+        assert "commit" not in compare.report(sweep).splitlines()[0].split()
+        assert "commit" not in read_csv(sweep)[0]
+    ran_from(jobs[0], {"commit": old, "dirty": False})
+    ran_from(jobs[1], {"commit": new, "dirty": False})
+    text = compare.report(sweep)
+    assert "commit" in text.splitlines()[0].split()
+    assert "| commit |" in (sweep / compare.TABLE).read_text()
+    commits = {r["folder"]: r["commit"] for r in read_csv(sweep)}
+    assert [commits[job.name] for job in jobs] == ["ffe330b", "2da120d", "2da120d+dirty", "2da120d+dirty"]
+
+
 def test_compare_names_a_folder_without_jobs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         compare.main([str(tmp_path)])

@@ -1,7 +1,8 @@
 """`python -m fcexp.compare <sweep folder>`: rank a sweep's jobs, plot them, and name the best with its rerun command.
 
 Runs by itself at the end of every multirun (`CompareAtEnd`, under `hydra.callbacks` in conf/train.yaml). It reads only
-what the jobs wrote (metrics.json, else .hydra/), so it also reports on a sweep that is still running or was killed.
+what the jobs wrote (metrics.json, else .hydra/) and what the sweep planned (multirun.yaml), so it also reports on a
+sweep that is still running or was killed, down to the jobs it never started.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.config_loader_impl import get_overrides_dirname
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure  # the object API needs no backend or display: PNGs on any machine
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +31,8 @@ from fcexp.record import RECORD, RunRecord, fcexp_command, flat_hparams, shell_p
 log = logging.getLogger("fcexp")
 
 TABLE, CSV, CURVES, BY_KNOB = "compare.md", "compare.csv", "val_acc_curves.png", "acc_by_knob.png"
+MULTIRUN = "multirun.yaml"  # the sweep's config, written by Hydra before its first job
+BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"  # its `_target_` in multirun.yaml
 # Finished jobs first, best validation accuracy first among them; then what may still finish; then what never will.
 STATUS_ORDER = {"completed": 0, "running": 1, "interrupted": 2, "failed": 3, "no record": 4}
 # Overrides that say how a sweep ran, not what a job trained: left out of the rerun command.
@@ -45,6 +52,9 @@ class Job:
     metrics: dict[str, float | None] = field(default_factory=dict)
     wall_time_s: float | None = None
     error: str | None = None
+    git: dict[str, Any] | None = None  # {"commit", "dirty"} of the checkout it ran from; None outside one
+    # False for a job of an interrupted sweep that never began: its hparams are only those its overrides set.
+    started: bool = True
 
     @property
     def val_curve(self) -> list[tuple[int, float]]:
@@ -64,6 +74,13 @@ class Job:
     @property
     def test(self) -> float | None:
         return self.metrics.get("test/acc")
+
+    @property
+    def commit(self) -> str | None:
+        """The short commit it ran from, `+dirty` when the checkout had uncommitted changes."""
+        if self.git is None:
+            return None
+        return self.git["commit"][:7] + ("+dirty" if self.git["dirty"] else "")
 
     def rerun_command(self) -> str:
         kept = [
@@ -91,6 +108,7 @@ def load_job(folder: Path) -> Job:
             record["metrics"],
             record["wall_time_s"],
             record.get("error"),
+            (record.get("provenance") or {}).get("git"),
         )
     job = Job(folder, "no record")
     hydra_dir = folder / ".hydra"
@@ -101,23 +119,81 @@ def load_job(folder: Path) -> Job:
     return job
 
 
+def unstarted_jobs(sweep_dir: Path, started: list[Job]) -> list[Job]:
+    """The jobs an interrupted sweep planned (multirun.yaml) but never started, so never gave a folder.
+
+    Hydra's basic sweeper plans every job up front (the product of the swept values); other sweepers (Optuna) choose
+    each job from the results so far, so nothing beyond their started jobs can be known.
+    """
+    if not (sweep_dir / MULTIRUN).is_file():
+        return []
+    hydra_cfg = OmegaConf.load(sweep_dir / MULTIRUN).hydra
+    if hydra_cfg.sweeper._target_ != BASIC_SWEEPER:
+        return []
+    # As BasicSweeper.sweep: a preset's params, then the command line's overrides (the later wins for a key).
+    params = hydra_cfg.sweeper.get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(hydra_cfg.overrides.task)
+    parser = OverridesParser.create()
+    try:
+        (plan,) = BasicSweeper.split_arguments(parser.parse_overrides(arguments), max_batch_size=None)  # one batch
+    except HydraException:
+        return []  # e.g. a glob(...) sweep, whose values only the config loader of the sweep itself can list
+    naming = hydra_cfg.job.config.override_dirname
+    exclude = list(naming.exclude_keys)
+
+    def identity(overrides: list[str]) -> frozenset[str]:
+        # How a sweep runs is no part of what a job is: a rerun adds skip_finished=true to the jobs it reaches.
+        return frozenset(o for o in overrides if _override_key(o) not in exclude)
+
+    seen = {identity(job.overrides) for job in started}
+    # Only knobs the started jobs record as hparams: an override like callbacks.progress.refresh_rate is not one.
+    known = {k for job in started for k in job.hparams}
+    jobs = []
+    for overrides in plan:
+        if identity(overrides) in seen:
+            continue
+        parsed = parser.parse_overrides(overrides)
+        folder = get_overrides_dirname(parsed, exclude, naming.item_sep, naming.kv_sep)  # as conf/train.yaml names it
+        # As flat_hparams stores them: TensorBoard's scalars as they are, anything else as text.
+        values = {o.key_or_group: o.value() for o in parsed if not o.is_delete()}
+        hparams = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in values.items()
+            if not known or k in known
+        }
+        jobs.append(Job(sweep_dir / folder, "no record", hparams, list(overrides), started=False))
+    return jobs
+
+
 def load_sweep(sweep_dir: Path) -> list[Job]:
-    """Every job folder of a sweep, ranked: finished jobs by best validation accuracy, then the unfinished."""
+    """Every job of a sweep, ranked: finished jobs by best validation accuracy, then the unfinished and unstarted."""
     if not sweep_dir.is_dir():
         raise ValueError(f"sweep folder {str(sweep_dir)!r} does not exist; give a folder under runs/sweeps/")
     folders = [p for p in sweep_dir.iterdir() if p.is_dir() and ((p / RECORD).is_file() or (p / ".hydra").is_dir())]
-    if not folders:
+    jobs = [load_job(p) for p in folders]
+    jobs += unstarted_jobs(sweep_dir, jobs)
+    if not jobs:
         raise ValueError(
             f"{str(sweep_dir)!r} holds no jobs (subfolders with {RECORD} or .hydra/); give a folder under runs/sweeps/"
         )
-    jobs = [load_job(p) for p in folders]
     return sorted(jobs, key=lambda j: (STATUS_ORDER.get(j.status, 5), -(j.val_best or 0.0), j.folder.name))
 
 
 def swept_knobs(jobs: list[Job]) -> list[str]:
     """The hyperparameters whose values differ between jobs: the table's columns and the plots' panels."""
     keys = dict.fromkeys(k for job in jobs for k in job.hparams)
-    return [k for k in keys if len({repr(job.hparams.get(k)) for job in jobs if job.hparams}) > 1]
+    # A job that never started knows only the knobs its overrides set: a key it lacks is unknown, not None.
+    return [
+        k
+        for k in keys
+        if len({repr(job.hparams.get(k)) for job in jobs if job.hparams and (job.started or k in job.hparams)}) > 1
+    ]
+
+
+def commits_differ(jobs: list[Job]) -> bool:
+    """Whether the recorded jobs ran from different code (another commit, or uncommitted changes in some): then the
+    table says which each ran."""
+    return len({repr(job.git) for job in jobs if job.status != "no record"}) > 1
 
 
 def _fmt(value: Any, digits: int | None = None) -> str:
@@ -129,11 +205,13 @@ def _fmt(value: Any, digits: int | None = None) -> str:
 
 
 def table_rows(jobs: list[Job], knobs: list[str]) -> tuple[list[str], list[list[str]]]:
-    header = ["rank", *knobs, "val_acc_best", "val_acc_final", "test_acc", "epochs", "train_time_s", "status"]
+    code = ["commit"] if commits_differ(jobs) else []
+    header = ["rank", *knobs, *code, "val_acc_best", "val_acc_final", "test_acc", "epochs", "train_time_s", "status"]
     rows = [
         [
             str(rank),
             *(_fmt(job.hparams.get(k)) for k in knobs),
+            *([_fmt(job.commit)] if code else []),
             _fmt(job.val_best, 4),
             _fmt(job.val_final, 4),
             _fmt(job.test, 4),

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fcexp.data import MNISTDataModule
+from fcexp.data import DataError, MNISTDataModule
 from fcexp.module import Classifier
+from fcexp.train import quiet_lightning
 
 
 def evaluate(ckpt_path: str | Path, trainer_cfg: DictConfig, data_root: str | None = None) -> dict[str, float]:
@@ -27,7 +29,12 @@ def evaluate(ckpt_path: str | Path, trainer_cfg: DictConfig, data_root: str | No
 
 @hydra.main(version_base="1.3", config_path="pkg://fcexp.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    metrics = evaluate(cfg.ckpt_path, cfg.trainer, cfg.data_root)
+    quiet_lightning()
+    try:
+        metrics = evaluate(cfg.ckpt_path, cfg.trainer, cfg.data_root)
+    except (ValueError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     print(f"{cfg.ckpt_path}: test loss {metrics['test/loss']:.4f}, test accuracy {metrics['test/acc']:.4f}")
 
 

@@ -197,7 +197,7 @@ def main(cfg: DictConfig) -> float:
         if rank_zero_only.rank == 0:
             # Its own line, even after a progress bar that did not end one.
             print(f"\nerror: {err}" if sys.stderr.isatty() else f"error: {err}", file=sys.stderr)
-            if not refused:
+            if previous is None and not refused:  # what this run recorded before it failed
                 print(f"run folder: {run_dir}", file=sys.stderr)
         sys.exit(2 if isinstance(err, USER_ERRORS) else 1)
     best = result["metrics"]["val/acc_best"]
