@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test study bench lint format
+.PHONY: train test tensorboard study bench lint format
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,11 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# Every run under runs/ (or LOGDIR=runs/<run>) at http://localhost:6006
+LOGDIR ?= runs
+tensorboard: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR) $(ARGS)
 
 # The activation and data-preparation study: a Markdown report with figures (ARGS="--quick" for a 1-minute check).
 study: $(STAMP)

@@ -58,7 +58,10 @@ def _run_dir(runs_dir: object, resume: object) -> str:
     return resume
 
 
-def _config_subdir(output_dir: str, resume: str | None) -> str:
+def _config_subdir(output_dir: str, resume: str | None) -> str | None:
+    # Ranks other than 0 of a DDP run started by srun or torchrun share rank 0's folder and config: none of their own.
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) > 0:
+        return None
     # A second invocation in a run's folder (a resume, a sweep rerun) keeps the config the run started with.
     if resume:
         return ".hydra/resumed"

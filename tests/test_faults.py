@@ -267,6 +267,8 @@ def test_ddp_cpu_shards_data_and_syncs_metrics(tmp_path, mnist_root):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
+    assert proc.stdout.count("run folder:") == 1 and proc.stdout.count("test accuracy") == 1  # rank 0 speaks
+    assert [p.name for p in run_dir.glob("*.log")] == ["train.log"]
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["history"][-1]["step"] == 5120 // 2 // 128  # each rank stepped through its own half
     single = run_cli("fcexp.evaluate", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path)

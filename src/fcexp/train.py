@@ -48,7 +48,8 @@ def _no_tips(record: logging.LogRecord) -> bool:
 
 
 def quiet_lightning() -> None:
-    """Silence what Lightning prints at every fit that no user can act on. Every entry point calls this first."""
+    """Silence what Lightning prints at every fit that no user can act on: `train` (every run) and `fcexp.evaluate`
+    call this first."""
     # Lightning 2.6 under torch >= 2.10 warns about its own use of a deprecated torch API.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # Short runs (data.limit_train) have fewer batches than the logging interval; the epoch metrics still log.
@@ -79,6 +80,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], resume: bool = F
     With `resume`, training continues from the run's newest checkpoint (its step, epoch, optimizer and random
     state) in the same folder and TensorBoard run; without a checkpoint it starts again from step 0.
     """
+    quiet_lightning()
     record = RunRecord(run_dir, overrides, resume=resume)
     trainer = None
     try:
@@ -158,7 +160,6 @@ def _remove_if_refused(run_dir: Path) -> bool:
 
 @hydra.main(version_base="1.3", config_path="pkg://fcexp.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    quiet_lightning()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
