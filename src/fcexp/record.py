@@ -88,6 +88,13 @@ def shell_program(name: str) -> str:
     return relative if not relative.startswith("..") else here
 
 
+def override(key: str, value: object) -> str:
+    """`key=value` as Hydra parses it: a value with Hydra's special characters (a sweep job's folder has `=` and `,`)
+    goes in quotes."""
+    text = str(value)
+    return f'{key}="{text}"' if any(c in text for c in "=,:[]{}()'\" ") else f"{key}={text}"
+
+
 def fcexp_command(*args: str) -> str:
     """`python -m fcexp.train <args>` as it runs from the user's shell."""
     return shlex.join([shell_program("python"), "-m", "fcexp.train", *args])
@@ -105,7 +112,9 @@ def _git_state() -> dict[str, Any] | None:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    return None if commit is None else {"commit": commit, "dirty": bool(git("status", "--porcelain"))}
+    # Dirty: a tracked file differs from the commit. Untracked files (a log, a notebook) change no code that ran.
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return None if commit is None else {"commit": commit, "dirty": dirty}
 
 
 def _cpu_model() -> str:
@@ -235,7 +244,7 @@ class RunRecord(L.Callback):
         if self.record["status"] == "interrupted":
             return  # Lightning's exit after an interrupt is not a second failure
         self.record["status"] = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        self.record["error"] = f"{type(error).__name__}: {error}"
+        self.record["error"] = "Ctrl-C" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
         self.record["metrics"] = {k: _scalar(v) for k, v in metrics.items()}
         self.save()
 

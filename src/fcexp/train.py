@@ -32,6 +32,7 @@ from fcexp.record import (
     checkpoint_step,
     fcexp_command,
     flat_hparams,
+    override,
     resume_checkpoint,
     shell_program,
 )
@@ -56,6 +57,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging")
     # A resumed run's checkpoint folder holds its earlier checkpoints by design.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Lightning cannot tell that fcexp's loader resumes mid-epoch (MNISTDataModule.train_dataloader); it does.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     # Lightning advertises a cloud logger at every fit.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)
 
@@ -146,7 +149,7 @@ def resumed_config(previous: dict, extra: list[str]) -> tuple[DictConfig, list[s
 def finish_sweep_command(sweep_dir: Path) -> str:
     """The command that reruns this sweep into its folder, skipping the jobs that completed."""
     keep = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweep.dir=", "skip_finished="))]
-    return fcexp_command(*keep, f"hydra.sweep.dir={sweep_dir}", "skip_finished=true")
+    return fcexp_command(*keep, override("hydra.sweep.dir", sweep_dir), "skip_finished=true")
 
 
 def _remove_if_refused(run_dir: Path) -> bool:
@@ -175,7 +178,11 @@ def main(cfg: DictConfig) -> float:
             if cfg.skip_finished:
                 say("skipping %s: finished before (skip_finished=true)", run_dir.name)
                 return previous["metrics"]["val/acc_best"]
-            fix = "rerun the sweep with skip_finished=true" if multirun else f"continue it with resume={run_dir}"
+            fix = (
+                "rerun the sweep with skip_finished=true"
+                if multirun
+                else f"continue it with {override('resume', run_dir)}"
+            )
             raise ValueError(f"{run_dir} holds a completed run; {fix}, or start in a new folder")
         else:
             # A sweep rerun (skip_finished) continues its stopped jobs from their checkpoints.
@@ -183,7 +190,8 @@ def main(cfg: DictConfig) -> float:
         result = train(cfg, run_dir, overrides, resume=resume)
     except KeyboardInterrupt:
         if rank_zero_only.rank == 0:
-            print(f"interrupted; continue this run with: {fcexp_command(f'resume={run_dir}')}", file=sys.stderr)
+            resume_command = fcexp_command(override("resume", run_dir))
+            print(f"interrupted; continue this run with: {resume_command}", file=sys.stderr)
             if multirun:
                 print(f"finish the sweep with: {finish_sweep_command(run_dir.parent)}", file=sys.stderr)
         sys.exit(130)
@@ -192,9 +200,9 @@ def main(cfg: DictConfig) -> float:
             # One bad job must not end a sweep: it is recorded as failed and the others go on.
             log.error("job %s failed: %s", run_dir.name, err)
             return math.nan
+        refused = isinstance(err, USER_ERRORS) and previous is None and _remove_if_refused(run_dir)
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(err, (*USER_ERRORS, FloatingPointError)):
             raise
-        refused = isinstance(err, USER_ERRORS) and previous is None and _remove_if_refused(run_dir)
         if rank_zero_only.rank == 0:
             # Its own line, even after a progress bar that did not end one.
             print(f"\nerror: {err}" if sys.stderr.isatty() else f"error: {err}", file=sys.stderr)

@@ -1,0 +1,97 @@
+"""How sure a comparison is: means over seeds with t intervals, and each configuration's difference from the best.
+
+A configuration is every knob but the seed; its replicates are its runs over seeds. Differences from the best are
+tested with a paired t test where both have the same seeds (the seed fixes init, batch order and dropout masks, so
+pairing removes that shared noise) and Welch's t test otherwise. The p values of the comparisons with the best are
+adjusted with Holm's step-down method, which keeps the chance of calling any tie a difference under 5%.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from scipy import stats
+
+CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean, standard deviation and the 95% t interval of the mean of n values (no interval below n = 2)."""
+
+    n: int
+    mean: float
+    sd: float | None
+    low: float | None
+    high: float | None
+
+    def __str__(self) -> str:
+        if self.low is None:
+            return f"{self.mean:.4f}"
+        return f"{self.mean:.4f} [{self.low:.4f}, {self.high:.4f}]"
+
+
+def interval(values: Sequence[float]) -> Interval:
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return Interval(n, mean, None, None, None)
+    sd = statistics.stdev(values)
+    if sd == 0:
+        return Interval(n, mean, 0.0, mean, mean)
+    low, high = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=sd / math.sqrt(n))
+    return Interval(n, mean, sd, float(low), float(high))
+
+
+@dataclass(frozen=True)
+class Difference:
+    """`other - best`, its 95% interval, the test that gave it and its p value before and after Holm's adjustment."""
+
+    delta: float
+    low: float | None
+    high: float | None
+    test: str  # "paired" or "Welch"; "" when either side has a single run
+    p: float | None
+    p_holm: float | None = None
+
+    @property
+    def significant(self) -> bool | None:
+        return None if self.p_holm is None else self.p_holm < ALPHA
+
+
+def difference(best: Mapping[int, float], other: Mapping[int, float]) -> Difference:
+    """`other` minus `best`, both keyed by seed."""
+    delta = statistics.fmean(other.values()) - statistics.fmean(best.values())
+    if len(best) < 2 or len(other) < 2:
+        return Difference(delta, None, None, "", None)
+    if set(best) == set(other):
+        seeds = sorted(best)
+        diffs = [other[s] - best[s] for s in seeds]
+        if statistics.pstdev(diffs) == 0:  # identical runs: no noise left to test against
+            return Difference(delta, delta, delta, "paired", 1.0 if delta == 0 else 0.0)
+        result = stats.ttest_rel([other[s] for s in seeds], [best[s] for s in seeds])
+        test = "paired"
+    else:
+        result = stats.ttest_ind(list(other.values()), list(best.values()), equal_var=False)
+        test = "Welch"
+    ci = result.confidence_interval(CONFIDENCE)
+    return Difference(delta, float(ci.low), float(ci.high), test, float(result.pvalue))
+
+
+def holm(differences: list[Difference]) -> list[Difference]:
+    """The same differences with Holm-adjusted p values: the i-th smallest of m is multiplied by m - i, then made
+    non-decreasing, so that all the comparisons together wrongly call a difference at most 5% of the time."""
+    tested = sorted((d.p, i) for i, d in enumerate(differences) if d.p is not None)
+    adjusted: dict[int, float] = {}
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, p * (len(tested) - rank)))
+        adjusted[i] = running
+    return [
+        Difference(d.delta, d.low, d.high, d.test, d.p, adjusted.get(i)) if d.p is not None else d
+        for i, d in enumerate(differences)
+    ]
