@@ -36,7 +36,7 @@ PRESETS = [
     for group in ("sweep", "hparams_search", "launcher")
     for p in CONF.glob(f"{group}/*.yaml")
 ]
-SWEEP_SIZES = {"grid": 48, "activations": 13, "regularization": 18, "depth": 16}
+SWEEP_SIZES = {"grid": 48, "activations": 12, "regularization": 18, "depth": 16}
 
 
 def read_csv(sweep: Path) -> list[dict[str, str]]:
@@ -215,3 +215,45 @@ def test_optuna_study_finishes_and_reports_its_best(mnist_root, tmp_path):
     assert len(rows) == 3
     assert results.best_value == pytest.approx(float(rows[0]["val_acc_best"]), abs=1e-4)
     assert {"activation", "optimizer.lr"} <= set(rows[0])
+
+
+@pytest.fixture(scope="module")
+def replicated(mnist_root, tmp_path_factory) -> tuple[Path, str]:
+    """Three configurations over three seeds: silu and swish are the same layer; sigmoid five layers deep barely
+    trains in 16 steps."""
+    cwd = tmp_path_factory.mktemp("replicated")
+    deep = [o for o in SMALL if not o.startswith("model.hidden=")] + ["model.hidden=[64,64,64,64,64]"]
+    proc = run_cli("fcexp.train", "-m", *deep, "activation=silu,swish,sigmoid", "seed=0,1,2", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return only_sweep(cwd), proc.stdout
+
+
+@pytest.mark.slow
+def test_replicated_sweep_groups_seeds_into_configurations_with_intervals(replicated):
+    sweep, stdout = replicated
+    with open(sweep / compare.CONFIGS_CSV) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["activation"] for r in rows][2] == "sigmoid" and len(rows) == 3
+    assert "seed" not in rows[0] and all(r["n"] == "3" for r in rows)
+    for row in rows:
+        mean, low, high = (
+            float(x) for x in row["val_acc_best [95% CI]"].replace("[", "").replace(",", "").rstrip("]").split()
+        )
+        assert low <= mean <= high
+    # The same layer under two names: the same numbers seed by seed, so tied with the best.
+    assert rows[0]["val_acc_best [95% CI]"] == rows[1]["val_acc_best [95% CI]"]
+    assert rows[0]["verdict"] == "best" and rows[1]["verdict"] == "tied with best"
+    assert rows[2]["verdict"] == "worse" and rows[2]["test"] == "paired" and float(rows[2]["p_holm"]) < 0.05
+    assert "Holm-adjusted over the 2 comparisons" in stdout and "1 other configuration tied with it" in stdout
+    assert f"{compare.CONFIGS_CSV}" in stdout and "seed=0,1,2" in printed(stdout, "rerun it")
+    table = (sweep / compare.TABLE).read_text()
+    assert "## Configurations" in table and table.count("| tied with best |") == 1
+    for png in (compare.CURVES, compare.BY_KNOB):
+        assert (sweep / png).read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_single_seed_sweep_says_its_ranking_has_no_intervals(grid_2x2):
+    _, stdout, _ = grid_2x2
+    assert "one seed per configuration: this ranking carries no intervals" in stdout
+    command = printed(stdout, "replicate it with")
+    assert command.endswith("seed=0,1,2") and "activation=relu,sigmoid" in command

@@ -12,7 +12,6 @@ import csv
 import logging
 import math
 import shlex
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +26,22 @@ from matplotlib.figure import Figure  # the object API needs no backend or displ
 from omegaconf import DictConfig, OmegaConf
 
 from fcexp.record import RECORD, RunRecord, fcexp_command, flat_hparams, shell_program
+from fcexp.stats import ALPHA, Difference, Interval, difference, holm, interval
 
 log = logging.getLogger("fcexp")
 
-TABLE, CSV, CURVES, BY_KNOB = "compare.md", "compare.csv", "val_acc_curves.png", "acc_by_knob.png"
+TABLE, CSV, CONFIGS_CSV = "compare.md", "compare.csv", "configs.csv"
+CURVES, BY_KNOB = "val_acc_curves.png", "acc_by_knob.png"
+REPLICATES = 3  # the seeds a single-seed sweep is told to add
 MULTIRUN = "multirun.yaml"  # the sweep's config, written by Hydra before its first job
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"  # its `_target_` in multirun.yaml
 # Finished jobs first, best validation accuracy first among them; then what may still finish; then what never will.
 STATUS_ORDER = {"completed": 0, "running": 1, "interrupted": 2, "failed": 3, "no record": 4}
 # Overrides that say how a sweep ran, not what a job trained: left out of the rerun command.
 NOT_THE_JOB = {"hydra/launcher", "hydra/sweeper", "launcher", "threads", "skip_finished", "resume"}
+# Presets that only say what to sweep: a single job's rerun does not need them (conf/sweep/depth.yaml also fixes
+# batch norm and L2, so it stays).
+SWEEP_ONLY_PRESETS = {"sweep=grid", "sweep=activations", "sweep=regularization", "hparams_search=optuna"}
 HIGHLIGHTED = 8  # curves drawn in colour and named in the legend; the rest are grey context
 
 
@@ -82,13 +87,15 @@ class Job:
             return None
         return self.git["commit"][:7] + ("+dirty" if self.git["dirty"] else "")
 
-    def rerun_command(self) -> str:
-        kept = [
+    def rerun_command(self, *, without: tuple[str, ...] = ()) -> list[str]:
+        """The overrides that rerun this job alone (less the keys in `without`)."""
+        return [
             o
             for o in self.overrides
-            if not _override_key(o).startswith("hydra.") and _override_key(o) not in NOT_THE_JOB
+            if not _override_key(o).startswith("hydra.")
+            and _override_key(o) not in {*NOT_THE_JOB, *without}
+            and o.lstrip("+") not in SWEEP_ONLY_PRESETS
         ]
-        return fcexp_command(*kept)
 
 
 def _override_key(override: str) -> str:
@@ -183,11 +190,15 @@ def swept_knobs(jobs: list[Job]) -> list[str]:
     """The hyperparameters whose values differ between jobs: the table's columns and the plots' panels."""
     keys = dict.fromkeys(k for job in jobs for k in job.hparams)
     # A job that never started knows only the knobs its overrides set: a key it lacks is unknown, not None.
-    return [
+    differ = [
         k
         for k in keys
         if len({repr(job.hparams.get(k)) for job in jobs if job.hparams and (job.started or k in job.hparams)}) > 1
     ]
+    # A choice's own parameters (activation.negative_slope when the activation was swept) belong to that choice;
+    # they are knobs only when swept themselves.
+    overridden = {_override_key(o) for job in jobs for o in job.overrides}
+    return [k for k in differ if k.rpartition(".")[0] not in differ or k in overridden]
 
 
 def commits_differ(jobs: list[Job]) -> bool:
@@ -224,6 +235,95 @@ def table_rows(jobs: list[Job], knobs: list[str]) -> tuple[list[str], list[list[
     return header, rows
 
 
+@dataclass
+class Config:
+    """A configuration (every swept knob but the seed) and its jobs, one per seed."""
+
+    hparams: dict[str, Any]
+    jobs: list[Job]
+    diff: Difference | None = None  # from the best configuration, in best validation accuracy
+
+    def by_seed(self, metric: str) -> dict[int, float]:
+        return {
+            job.hparams.get("seed", i): value
+            for i, job in enumerate(self.jobs)
+            if job.status == "completed" and (value := getattr(job, metric)) is not None
+        }
+
+    @property
+    def val(self) -> Interval | None:
+        values = self.by_seed("val_best")
+        return interval(list(values.values())) if values else None
+
+    @property
+    def test(self) -> Interval | None:
+        values = self.by_seed("test")
+        return interval(list(values.values())) if values else None
+
+    @property
+    def verdict(self) -> str:
+        if self.diff is None:
+            return "best"
+        return {None: "-", False: "tied with best", True: "worse"}[self.diff.significant]
+
+
+def group(jobs: list[Job], knobs: list[str]) -> list[Config]:
+    """The jobs grouped into configurations, ranked by mean best validation accuracy, each but the best with its
+    difference from the best (Holm-adjusted over all of them; fcexp.stats)."""
+    keys = [k for k in knobs if k != "seed"]
+    groups: dict[tuple[str, ...], Config] = {}
+    for job in jobs:
+        key = tuple(repr(job.hparams.get(k)) for k in keys)
+        groups.setdefault(key, Config({k: job.hparams.get(k) for k in keys}, [])).jobs.append(job)
+    configs = sorted(groups.values(), key=lambda c: -c.val.mean if c.val else math.inf)
+    if configs and configs[0].val is not None:
+        best = configs[0].by_seed("val_best")
+        scored = [c for c in configs[1:] if c.val is not None]
+        for config, diff in zip(scored, holm([difference(best, c.by_seed("val_best")) for c in scored]), strict=True):
+            config.diff = diff
+    return configs
+
+
+def replicated(configs: list[Config]) -> bool:
+    return any(c.val is not None and c.val.n > 1 for c in configs)
+
+
+def config_rows(configs: list[Config], knobs: list[str]) -> tuple[list[str], list[list[str]]]:
+    keys = [k for k in knobs if k != "seed"]
+    header = ["rank", *keys, "n", "val_acc_best [95% CI]", "sd", "test_acc [95% CI]", "diff vs best [95% CI]"]
+    header += ["test", "p_holm", "verdict"]
+    rows = []
+    for rank, c in enumerate(configs, 1):
+        val, test, d = c.val, c.test, c.diff
+        rows.append(
+            [
+                str(rank),
+                *(_fmt(c.hparams.get(k)) for k in keys),
+                str(val.n if val else 0),
+                str(val) if val else "-",
+                _fmt(val.sd if val else None, 4),
+                str(test) if test else "-",
+                "-"
+                if d is None
+                else f"{d.delta:+.4f}" + (f" [{d.low:+.4f}, {d.high:+.4f}]" if d.low is not None else ""),
+                d.test if d and d.test else "-",
+                _fmt(d.p_holm if d else None, 3),
+                c.verdict if val else "no result",
+            ]
+        )
+    return header, rows
+
+
+def method_note(configs: list[Config]) -> str:
+    tests = sum(c.diff is not None and c.diff.p is not None for c in configs)
+    return (
+        f"Configurations are ranked by mean best validation accuracy over their seeds, with 95% t intervals. Each is "
+        f"compared with the best: paired t test where both ran the same seeds, Welch's otherwise; p values are "
+        f"Holm-adjusted over the {tests} comparisons. 'tied with best' means not significantly different at "
+        f"{ALPHA:g}: the data do not tell them apart, not that they are equal."
+    )
+
+
 def format_table(header: list[str], rows: list[list[str]], markdown: bool = False) -> str:
     if markdown:
         return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows])
@@ -233,37 +333,60 @@ def format_table(header: list[str], rows: list[list[str]], markdown: bool = Fals
     )
 
 
-def _label(job: Job, knobs: list[str]) -> str:
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(job.hparams.get(k))}" for k in knobs) or job.folder.name
+def _label(hparams: dict[str, Any], knobs: list[str], fallback: str = "") -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(hparams.get(k))}" for k in knobs if k != "seed") or fallback
 
 
-def plot_curves(jobs: list[Job], knobs: list[str], path: Path) -> None:
-    """Validation accuracy per epoch, a line per job: the best few named, the rest grey, the legend beside the axes."""
-    ranked = [(rank, job) for rank, job in enumerate(jobs, 1) if job.val_curve]
+def mean_curve(config: Config) -> tuple[list[int], list[Interval]]:
+    """Validation accuracy per epoch over the config's seeds: the epochs every finished seed reached."""
+    curves = [dict(job.val_curve) for job in config.jobs if job.val_curve]
+    epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return epochs, [interval([c[e] for c in curves]) for e in epochs]
+
+
+def plot_curves(configs: list[Config], knobs: list[str], path: Path) -> None:
+    """Validation accuracy per epoch, a line per configuration (the mean over its seeds, with its 95% interval as a
+    band): the best few named, the rest grey, the legend beside the axes."""
+    ranked = [(rank, c, *mean_curve(c)) for rank, c in enumerate(configs, 1)]
+    ranked = [r for r in ranked if r[2]]
     fig = Figure(figsize=(12, 5.5), layout="constrained")
     ax = fig.add_subplot()
     # Drawn in rank order so the legend reads best first; the best lies on top.
-    for i, (rank, job) in enumerate(ranked[:HIGHLIGHTED]):
-        epochs, accs = zip(*job.val_curve, strict=True)
-        label = f"{rank}. {_label(job, knobs)}"
-        ax.plot(epochs, accs, color=f"C{i}", lw=2, marker="o", ms=4, zorder=3 + HIGHLIGHTED - i, label=label)
-    others = ranked[HIGHLIGHTED:]
-    for i, (_, job) in enumerate(others):
-        epochs, accs = zip(*job.val_curve, strict=True)
-        label = f"{len(others)} other jobs" if i == 0 else None
-        ax.plot(epochs, accs, color="0.75", lw=0.8, marker=".", zorder=1, label=label)
-    points = sorted(acc for _, job in ranked for _, acc in job.val_curve)
-    # Diverged jobs sit near chance (0.1); showing them in full would flatten the differences that matter.
+    for i, (rank, config, epochs, points) in enumerate(ranked):
+        named = i < HIGHLIGHTED
+        means = [p.mean for p in points]
+        if named:
+            n = max(p.n for p in points)
+            label = f"{rank}. {_label(config.hparams, knobs, config.jobs[0].folder.name)}" + (
+                f" (n={n})" if n > 1 else ""
+            )
+            ax.plot(epochs, means, color=f"C{i}", lw=2, marker="o", ms=4, zorder=3 + HIGHLIGHTED - i, label=label)
+            if any(p.low is not None for p in points):
+                lows = [p.low if p.low is not None else p.mean for p in points]
+                highs = [p.high if p.high is not None else p.mean for p in points]
+                ax.fill_between(epochs, lows, highs, color=f"C{i}", alpha=0.15, lw=0, zorder=2)
+                # Bars too: a band has no width at a single epoch.
+                yerr = [
+                    [m - lo for m, lo in zip(means, lows, strict=True)],
+                    [h - m for m, h in zip(means, highs, strict=True)],
+                ]
+                ax.errorbar(epochs, means, yerr=yerr, fmt="none", ecolor=f"C{i}", capsize=4, lw=1, zorder=2)
+        else:
+            label = f"{len(ranked) - HIGHLIGHTED} other configurations" if i == HIGHLIGHTED else None
+            ax.plot(epochs, means, color="0.75", lw=0.8, marker=".", zorder=1, label=label)
+    points = sorted(p.mean for *_, curve in ranked for p in curve)
+    # Diverged runs sit near chance (0.1); showing them in full would flatten the differences that matter.
     low = points[len(points) // 10]
     ax.set_ylim(max(0.0, low - 0.02), min(1.0, points[-1] + 0.01))
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", title="rank. swept knobs")
-    last_epoch = max(epoch for _, job in ranked for epoch, _ in job.val_curve)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", title="rank. configuration")
+    last_epoch = max(epoch for _, _, epochs, _ in ranked for epoch in epochs)
     ax.set_xticks(range(1, last_epoch + 1, max(1, last_epoch // 10)))  # whole epochs, even for one
     ax.set_xlim(0.8, last_epoch + 0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
-    ax.set_title(f"{path.parent.name}: validation accuracy of {len(ranked)} jobs")
+    band = " (mean over seeds, band: 95% interval)" if replicated(configs) else ""
+    ax.set_title(f"{path.parent.name}: validation accuracy of {len(ranked)} configurations{band}")
     fig.savefig(path, dpi=110)
 
 
@@ -272,75 +395,118 @@ def _sort_values(values: list[Any]) -> list[Any]:
     return sorted(values) if numeric else sorted(values, key=str)
 
 
-def plot_by_knob(jobs: list[Job], knobs: list[str], path: Path) -> None:
-    """Test accuracy grouped by each swept knob: every job a dot, the mean and its spread over the other knobs a bar."""
-    done = [job for job in jobs if job.test is not None]
+def plot_by_knob(configs: list[Config], knobs: list[str], path: Path) -> None:
+    """Test accuracy by each swept knob: each configuration's mean a dot, and at each value the mean over all its
+    runs with a 95% t interval (over the other knobs and the seeds) as a bar."""
+    knobs = [k for k in knobs if k != "seed"]
+    done = [c for c in configs if c.test is not None]
     cols = min(len(knobs), 3)
     rows = math.ceil(len(knobs) / cols)
     # At least 9 inches wide: the title must fit even when a single knob was swept.
     fig = Figure(figsize=(max(4.5 * cols, 9), 3.8 * rows), layout="constrained")
     for i, knob in enumerate(knobs):
         ax = fig.add_subplot(rows, cols, i + 1)
-        groups: dict[Any, list[float]] = {}
-        for job in done:
-            groups.setdefault(job.hparams.get(knob), []).append(job.test)
+        groups: dict[Any, list[Config]] = {}
+        for c in done:
+            groups.setdefault(c.hparams.get(knob), []).append(c)
         values = _sort_values(list(groups))
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if numeric and len(values) > 6:
             # A continuous knob (an Optuna search's learning rate): a scatter on its own scale, no groups.
-            ax.scatter([job.hparams[knob] for job in done], [job.test for job in done], s=14, color="C0")
+            ax.scatter([c.hparams[knob] for c in done], [c.test.mean for c in done], s=14, color="C0")
             if min(values) > 0 and max(values) / min(values) >= 20:
                 ax.set_xscale("log")
         else:
             for x, value in enumerate(values):
-                accs = groups[value]
-                offsets = [(j - (len(accs) - 1) / 2) * 0.25 / max(len(accs), 1) for j in range(len(accs))]
-                ax.scatter([x + o for o in offsets], accs, s=10, color="0.6", zorder=2)
-                spread = statistics.pstdev(accs) if len(accs) > 1 else 0.0
-                ax.errorbar(x, statistics.fmean(accs), yerr=spread, fmt="o", color="C3", ms=7, capsize=5, zorder=3)
-            ax.set_xticks(range(len(values)), [_fmt(v) for v in values], rotation=20 if len(values) > 4 else 0)
+                means = [c.test.mean for c in groups[value]]
+                offsets = [(j - (len(means) - 1) / 2) * 0.25 / max(len(means), 1) for j in range(len(means))]
+                ax.scatter([x + o for o in offsets], means, s=10, color="0.6", zorder=2)
+                runs = interval([v for c in groups[value] for v in c.by_seed("test").values()])
+                err = None if runs.low is None else [[runs.mean - runs.low], [runs.high - runs.mean]]
+                ax.errorbar(x, runs.mean, yerr=err, fmt="o", color="C3", ms=7, capsize=5, zorder=3)
+            labels = [_fmt(v) for v in values]
+            # Long names (leaky_relu, softplus) side by side overlap: slant them when they would.
+            slant = sum(len(t) for t in labels) > 40 / cols * 3
+            ax.set_xticks(range(len(values)), labels, rotation=35 if slant else 0, ha="right" if slant else "center")
             ax.set_xlim(-0.5, len(values) - 0.5)
         ax.set_title(knob)
         ax.grid(alpha=0.3)
         if i % cols == 0:
             ax.set_ylabel("test accuracy")
-    fig.suptitle(f"{path.parent.name}: test accuracy by swept knob (red: mean ± std over the other knobs)")
+    fig.suptitle(f"{path.parent.name}: test accuracy by swept knob (red: mean and 95% interval over its runs)")
     fig.savefig(path, dpi=110)
 
 
+def sweep_command(sweep_dir: Path) -> list[str] | None:
+    """The overrides the sweep was started with (its multirun.yaml), if it recorded them."""
+    if not (sweep_dir / MULTIRUN).is_file():
+        return None
+    return [o for o in OmegaConf.load(sweep_dir / MULTIRUN).hydra.overrides.task if _override_key(o) != "seed"]
+
+
 def report(sweep_dir: Path) -> str:
-    """Write the sweep's table (Markdown, CSV) and plots into its folder; return the text to print."""
+    """Write the sweep's tables (Markdown, CSV) and plots into its folder; return the text to print."""
     sweep_dir = Path(sweep_dir)
     jobs = load_sweep(sweep_dir)
     knobs = swept_knobs(jobs)
+    configs = group(jobs, knobs)
     header, rows = table_rows(jobs, knobs)
     with open(sweep_dir / CSV, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([*header, "error", "folder"])
         writer.writerows([*row, job.error or "", job.folder.name] for row, job in zip(rows, jobs, strict=True))
+    config_header, config_table = config_rows(configs, knobs)
+    with open(sweep_dir / CONFIGS_CSV, "w", newline="") as f:
+        csv.writer(f).writerows([config_header, *config_table])
     counts = {s: sum(j.status == s for j in jobs) for s in STATUS_ORDER if any(j.status == s for j in jobs)}
     lines = [
         f"{len(jobs)} job{'s' * (len(jobs) != 1)} in {sweep_dir}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
     ]
     lines += [f"{job.status}: {job.folder.name}: {job.error}" for job in jobs if job.error]
-    best = jobs[0] if jobs[0].status == "completed" else None
-    if best:
-        lines.append(
-            f"best: {_label(best, knobs)} (val acc {best.val_best:.4f}, test acc {_fmt(best.test, 4)}) in {best.folder}"
-        )
-        lines.append(f"rerun it: {best.rerun_command()}")
-    else:
+    best = configs[0] if configs and configs[0].val is not None else None
+    if best is None:
         lines.append("best: none yet (no job has completed)")
+    elif replicated(configs):
+        ties = [c for c in configs if c.diff is not None and c.diff.significant is False]
+        lines.append(
+            f"best: {_label(best.hparams, knobs, 'the only configuration')} (n={best.val.n}; val acc {best.val}, "
+            f"test acc {best.test}; {len(ties)} other configuration{'s' * (len(ties) != 1)} tied with it)"
+        )
+        seeds = ",".join(str(s) for s in sorted(best.by_seed("val_best")))
+        lines.append(
+            f"rerun it: {fcexp_command('-m', *best.jobs[0].rerun_command(without=('seed',)), f'seed={seeds}')}"
+        )
+        lines.append(method_note(configs))
+    else:
+        job = best.jobs[0]
+        label = _label(best.hparams, knobs, job.folder.name)
+        lines.append(f"best: {label} (val acc {job.val_best:.4f}, test acc {_fmt(job.test, 4)}) in {job.folder}")
+        lines.append(f"rerun it: {fcexp_command(*job.rerun_command())}")
+        command = sweep_command(sweep_dir)
+        seeds = ",".join(map(str, range(REPLICATES)))
+        again = (
+            fcexp_command("-m", *command, f"seed={seeds}")
+            if command is not None
+            else f"the sweep's command with seed={seeds}"
+        )
+        lines.append(f"one seed per configuration: this ranking carries no intervals; replicate it with: {again}")
+    replicates = replicated(configs)
+    tables = (
+        f"## Configurations\n\n{format_table(config_header, config_table, markdown=True)}\n\n" if replicates else ""
+    )
     (sweep_dir / TABLE).write_text(
-        f"# {sweep_dir.name}\n\n{format_table(header, rows, markdown=True)}\n\n" + "\n\n".join(lines[1:]) + "\n"
+        f"# {sweep_dir.name}\n\n{tables}## Jobs\n\n{format_table(header, rows, markdown=True)}\n\n"
+        + "\n\n".join(lines[1:])
+        + "\n"
     )
     if any(job.val_curve for job in jobs):
-        plot_curves(jobs, knobs, sweep_dir / CURVES)
-    if knobs and any(job.test is not None for job in jobs):
-        plot_by_knob(jobs, knobs, sweep_dir / BY_KNOB)
-    written = [str(sweep_dir / name) for name in (TABLE, CSV, CURVES, BY_KNOB) if (sweep_dir / name).is_file()]
+        plot_curves(configs, knobs, sweep_dir / CURVES)
+    if [k for k in knobs if k != "seed"] and any(c.test is not None for c in configs):
+        plot_by_knob(configs, knobs, sweep_dir / BY_KNOB)
+    written = [str(sweep_dir / n) for n in (TABLE, CSV, CONFIGS_CSV, CURVES, BY_KNOB) if (sweep_dir / n).is_file()]
     lines.append("wrote " + ", ".join(written))
-    return "\n".join([format_table(header, rows), "", *lines])
+    shown = format_table(config_header, config_table) if replicates else format_table(header, rows)
+    return "\n".join([shown, "", *lines])
 
 
 class CompareAtEnd(Callback):
