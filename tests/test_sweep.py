@@ -15,6 +15,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from fcexp import compare
@@ -250,6 +252,29 @@ def test_replicated_sweep_groups_seeds_into_configurations_with_intervals(replic
     assert "## Configurations" in table and table.count("| tied with best |") == 1
     for png in (compare.CURVES, compare.BY_KNOB):
         assert (sweep / png).read_bytes().startswith(b"\x89PNG")
+    # TensorBoard: a run of configuration means beside the jobs', laid out as margin charts.
+    events = EventAccumulator(str(sweep / compare.CONFIG_RUN))
+    events.Reload()
+    tags = [f"val_acc_by_configuration/03/{part}" for part in ("mean", "low", "high")]
+    mean, low, high = (events.Scalars(tag)[0] for tag in tags)
+    assert low.value <= mean.value <= high.value and low.value < high.value
+    assert mean.value == pytest.approx(float(rows[2]["val_acc_best [95% CI]"].split()[0]), abs=1e-4)
+    assert mean.step == 15  # where the jobs' own val/acc of that epoch sits
+    (events_file,) = (sweep / compare.CONFIG_RUN).glob("events.out.tfevents.*")
+    (layout,) = [
+        v.tensor.string_val[0]
+        for e in EventFileLoader(str(events_file)).Load()
+        for v in e.summary.value
+        if v.metadata.plugin_data.plugin_name == "custom_scalars"
+    ]
+    (category,) = layout_pb2.Layout.FromString(layout).category
+    assert [chart.title for chart in category.chart] == [
+        "1. activation=silu (n=3)",
+        "2. activation=swish (n=3)",
+        "3. activation=sigmoid (n=3)",
+    ]
+    series = category.chart[2].margin.series[0]
+    assert [series.value, series.lower, series.upper] == tags
 
 
 def test_a_single_seed_sweep_says_its_ranking_has_no_intervals(grid_2x2):

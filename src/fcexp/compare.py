@@ -12,6 +12,7 @@ import csv
 import logging
 import math
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ log = logging.getLogger("fcexp")
 
 TABLE, CSV, CONFIGS_CSV = "compare.md", "compare.csv", "configs.csv"
 CURVES, BY_KNOB = "val_acc_curves.png", "acc_by_knob.png"
+CONFIG_RUN = "configurations"  # the sweep's TensorBoard run of per-configuration means, beside the jobs' runs
 REPLICATES = 3  # the seeds a single-seed sweep is told to add
 MULTIRUN = "multirun.yaml"  # the sweep's config, written by Hydra before its first job
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"  # its `_target_` in multirun.yaml
@@ -390,6 +392,29 @@ def plot_curves(configs: list[Config], knobs: list[str], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write_config_curves(configs: list[Config], knobs: list[str], folder: Path) -> None:
+    """A TensorBoard run beside the jobs': each replicated configuration's validation accuracy, the mean over its
+    seeds with its 95% interval, as a margin chart in the Custom Scalars tab (x: the step its epochs end at, as in
+    the jobs' own val/acc)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    shutil.rmtree(folder, ignore_errors=True)  # rewritten whole, from the jobs' records, each time compare runs
+    charts = {}
+    with SummaryWriter(str(folder)) as writer:
+        for rank, config in enumerate(configs, 1):
+            epochs, points = mean_curve(config)
+            if not points or max(p.n for p in points) < 2:
+                continue
+            steps = {h["epoch"] + 1: h["step"] - 1 for job in config.jobs for h in job.history}
+            tags = [f"val_acc_by_configuration/{rank:02d}/{part}" for part in ("mean", "low", "high")]
+            for epoch, p in zip(epochs, points, strict=True):
+                low, high = (p.low, p.high) if p.low is not None else (p.mean, p.mean)
+                for tag, value in zip(tags, (p.mean, low, high), strict=True):
+                    writer.add_scalar(tag, value, steps.get(epoch, epoch))
+            charts[f"{rank}. {_label(config.hparams, knobs)} (n={max(p.n for p in points)})"] = ["Margin", tags]
+        writer.add_custom_scalars({"validation accuracy by configuration: mean over seeds, 95% interval": charts})
+
+
 def _sort_values(values: list[Any]) -> list[Any]:
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     return sorted(values) if numeric else sorted(values, key=str)
@@ -503,6 +528,8 @@ def report(sweep_dir: Path) -> str:
         plot_curves(configs, knobs, sweep_dir / CURVES)
     if [k for k in knobs if k != "seed"] and any(c.test is not None for c in configs):
         plot_by_knob(configs, knobs, sweep_dir / BY_KNOB)
+    if replicates:
+        write_config_curves(configs, knobs, sweep_dir / CONFIG_RUN)
     written = [str(sweep_dir / n) for n in (TABLE, CSV, CONFIGS_CSV, CURVES, BY_KNOB) if (sweep_dir / n).is_file()]
     lines.append("wrote " + ", ".join(written))
     shown = format_table(config_header, config_table) if replicates else format_table(header, rows)
