@@ -321,8 +321,8 @@ def method_note(configs: list[Config]) -> str:
     return (
         f"Configurations are ranked by mean best validation accuracy over their seeds, with 95% t intervals. Each is "
         f"compared with the best: paired t test where both ran the same seeds, Welch's otherwise; p values are "
-        f"Holm-adjusted over the {tests} comparisons. 'tied with best' means not significantly different at "
-        f"{ALPHA:g}: the data do not tell them apart, not that they are equal."
+        f"Holm-adjusted over the {tests} comparison{'s' * (tests != 1)}. 'tied with best' means not significantly "
+        f"different at {ALPHA:g}: the data do not tell them apart, not that they are equal."
     )
 
 
