@@ -1,5 +1,7 @@
-"""The study's real command in quick mode: a report with every section, its figures, and where it came from."""
+"""The study's real command in quick mode: a report with every section, its figures, intervals over seeds, a verdict
+for every comparison, and where it came from."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,14 @@ SECTIONS = (
     "## 4. Q2: one-hot labels vs class indices",
     "## 5. The output activation rule",
 )
+INTERVAL = re.compile(r"-?\d+\.\d{4} \[-?\d+\.\d{4}, -?\d+\.\d{4}\]")  # mean [low, high], fcexp.stats.Interval
+# A comparison line: difference [95% interval] (test, p): verdict.
+COMPARISON = re.compile(
+    r"^- .+: [+-]\S+ \[[+-]\S+, [+-]\S+\] \(paired t test over 2 seeds, p = \S+?(, Holm-adjusted over \d "
+    r"comparisons)?\): (\*\*significant\*\*: .+ is (higher|lower) than .+|not significant: the data cannot tell .+ "
+    r"from .+ apart)\.$",
+    re.MULTILINE,
+)
 
 
 @pytest.mark.slow
@@ -27,17 +37,29 @@ def test_quick_study_writes_a_report_with_every_section(mnist_root, tmp_path):
     report = (out / "report.md").read_text()
     positions = [report.index(title) for title in SECTIONS]
     assert positions == sorted(positions)
-    assert f"python scripts/study.py --quick --threads 1 --out {out}" in report
+    assert f"python scripts/study.py --quick --seeds 2 --threads 1 --out {out}" in report
+    # Every arm ran once per seed, each run under its own TensorBoard name.
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == 24 * 2 and all(name.endswith(("_seed0", "_seed1")) for name in runs)
     # Every figure the report shows is there and decodes, the seed run's own included.
     images = [line.split("](", 1)[1].split(")", 1)[0] for line in report.splitlines() if line.startswith("![")]
-    images += ["runs/normalize_scale/figures/confusion_matrix.png"]
+    images += ["runs/normalize_scale_seed0/figures/confusion_matrix.png"]
     for name in images:
         assert matplotlib.image.imread(out / name).ndim == 3, name
-    # The output rule's check: softmax rows sum to 1 and their argmax is what the run scored.
-    rule = report.split(SECTIONS[-1])[1]
+    # Numbers come with intervals over seeds, and every comparison section judges each comparison it makes.
+    sections = dict(zip(SECTIONS, re.split("|".join(map(re.escape, SECTIONS)), report)[1:], strict=True))
+    for title, expected in zip(SECTIONS[:4], (3, 3, 2, 3), strict=True):
+        assert INTERVAL.search(sections[title]), title
+        assert len(COMPARISON.findall(sections[title])) == expected, title
+    # The output rule's check: softmax rows sum to 1 and their argmax is what the runs scored.
+    rule = sections[SECTIONS[-1]]
     assert "100.00% of rows" in rule
-    scored = [line.split()[-1] for line in rule.splitlines() if line.startswith(("accuracy from", "test/acc logged"))]
-    assert len(scored) == 2 and scored[0] == scored[1]
+    scored = [
+        re.split(r"\s{2,}", line)[1]
+        for line in rule.splitlines()
+        if line.startswith(("accuracy from", "test/acc logged"))
+    ]
+    assert len(scored) == 2 and scored[0] == scored[1] and INTERVAL.fullmatch(scored[0])
     assert float(rule.split("max |sum of a row - 1|")[1].split()[0]) < 1e-5
     # One-hot and index targets give the same loss on the same logits.
-    assert "differ by at most" in report and len(list((out / "runs").iterdir())) == 24
+    assert "differ by at most" in sections[SECTIONS[3]]
