@@ -51,6 +51,7 @@ OUT_OF_RANGE = {
     "seed": "-1",
     "resume": "/nonexistent",
     "threads": "0",
+    "replicates": "0",
     "runs_dir": "/proc/fcexp",
 }
 FREE = {

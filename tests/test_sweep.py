@@ -282,3 +282,24 @@ def test_a_single_seed_sweep_says_its_ranking_has_no_intervals(grid_2x2):
     assert "one seed per configuration: this ranking carries no intervals" in stdout
     command = printed(stdout, "replicate it with")
     assert command.endswith("seed=0,1,2") and "activation=relu,sigmoid" in command
+
+
+@pytest.mark.slow
+def test_optuna_trials_score_the_mean_over_their_replicates(mnist_root, tmp_path):
+    proc = run_cli(
+        "fcexp.train", "-m", "+hparams_search=optuna", "hydra.sweeper.n_trials=2", "replicates=2", *SMALL, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = only_sweep(tmp_path)
+    trials = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    assert len(trials) == 2
+    scores = []
+    for trial in trials:
+        records = [json.loads((trial / f"seed={s}" / "metrics.json").read_text()) for s in (0, 1)]
+        assert [r["hparams"]["seed"] for r in records] == [0, 1] and all(r["status"] == "completed" for r in records)
+        scores.append(sum(r["metrics"]["val/acc_best"] for r in records) / 2)
+    results = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert results.best_value == pytest.approx(max(scores))  # the objective is the mean over seeds
+    with open(sweep / compare.CONFIGS_CSV) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["n"] == "2" for r in rows)

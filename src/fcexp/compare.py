@@ -159,10 +159,10 @@ def unstarted_jobs(sweep_dir: Path, started: list[Job]) -> list[Job]:
     known = {k for job in started for k in job.hparams}
     jobs = []
     for overrides in plan:
-        if identity(overrides) in seen:
-            continue
         parsed = parser.parse_overrides(overrides)
         folder = get_overrides_dirname(parsed, exclude, naming.item_sep, naming.kv_sep)  # as conf/train.yaml names it
+        if identity(overrides) in seen or (sweep_dir / folder).is_dir():  # the folder: a job of replicates
+            continue
         # As flat_hparams stores them: TensorBoard's scalars as they are, anything else as text.
         values = {o.key_or_group: o.value() for o in parsed if not o.is_delete()}
         hparams = {
@@ -178,7 +178,14 @@ def load_sweep(sweep_dir: Path) -> list[Job]:
     """Every job of a sweep, ranked: finished jobs by best validation accuracy, then the unfinished and unstarted."""
     if not sweep_dir.is_dir():
         raise ValueError(f"sweep folder {str(sweep_dir)!r} does not exist; give a folder under runs/sweeps/")
-    folders = [p for p in sweep_dir.iterdir() if p.is_dir() and ((p / RECORD).is_file() or (p / ".hydra").is_dir())]
+    folders = []
+    for p in sorted(sweep_dir.iterdir()):
+        # A job with replicates > 1 holds one run per seed in <job>/seed=<s>: those are the sweep's runs.
+        inner = [q for q in sorted(p.glob("seed=*")) if (q / RECORD).is_file()] if p.is_dir() else []
+        if inner and not (p / RECORD).is_file():
+            folders += inner
+        elif p.is_dir() and ((p / RECORD).is_file() or (p / ".hydra").is_dir()):
+            folders.append(p)
     jobs = [load_job(p) for p in folders]
     jobs += unstarted_jobs(sweep_dir, jobs)
     if not jobs:

@@ -189,6 +189,7 @@ class Train:
     resume: Optional[str] = None
     skip_finished: bool = MISSING
     threads: Optional[int] = MISSING
+    replicates: int = MISSING
     runs_dir: str = MISSING
 
 
@@ -268,6 +269,8 @@ def validated(cfg: DictConfig) -> DictConfig:
     for key in ("max_epochs", "log_every_n_steps"):
         if typed.trainer[key] < 1:
             raise ValueError(f"trainer.{key} must be a positive integer, got {typed.trainer[key]}")
+    if typed.replicates < 1:
+        raise ValueError(f"replicates must be a positive integer (runs per configuration), got {typed.replicates}")
     if typed.threads is not None and typed.threads <= 0:
         raise ValueError(f"threads must be a positive integer or null (all cores), got {typed.threads}")
     return typed

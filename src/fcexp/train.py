@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import fcexp.conf  # noqa: F401  registers the configs' resolvers, also in a sweep's worker processes
 from fcexp.data import DataError
@@ -37,6 +37,7 @@ from fcexp.record import (
     shell_program,
 )
 from fcexp.schema import validated
+from fcexp.stats import interval
 
 log = logging.getLogger("fcexp")
 
@@ -161,12 +162,31 @@ def _remove_if_refused(run_dir: Path) -> bool:
     return True
 
 
-@hydra.main(version_base="1.3", config_path="pkg://fcexp.conf", config_name="train")
-def main(cfg: DictConfig) -> float:
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    overrides = list(hydra_cfg.overrides.task)
+def replicate(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path | None) -> float:
+    """`cfg.replicates` runs of one configuration on consecutive seeds, each in `<run_dir>/seed=<s>`: the mean of
+    their best validation accuracies (NaN if one failed), the score a sweeper ranks the configuration by."""
+    try:
+        typed = validated(cfg)
+    except ValueError:
+        return run(cfg, run_dir, overrides, sweep_dir)  # refused there, once, as any run is
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("seed", "replicates")]
+    bests = []
+    for seed in range(typed.seed, typed.seed + typed.replicates):
+        one = OmegaConf.merge(cfg, {"seed": seed, "replicates": 1})
+        bests.append(run(one, run_dir / f"seed={seed}", [*keep, f"seed={seed}", "replicates=1"], sweep_dir))
+    best = sum(bests) / len(bests)
+    if rank_zero_only.rank == 0 and not math.isnan(best):
+        log.info(
+            "mean best val accuracy over seeds %s: %s",
+            ", ".join(map(str, range(typed.seed, seed + 1))),
+            interval(bests),
+        )
+    return best
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path | None) -> float:
+    """One run in `run_dir` (a new one, a resume, or a sweep job's rerun), reported to the user; in a sweep
+    (`sweep_dir`), a failure is recorded and returned as NaN so that the other jobs go on."""
     previous = RunRecord.load(run_dir)
     # Under DDP every rank runs this; only rank 0 speaks.
     say = log.info if rank_zero_only.rank == 0 else log.debug
@@ -180,7 +200,7 @@ def main(cfg: DictConfig) -> float:
                 return previous["metrics"]["val/acc_best"]
             fix = (
                 "rerun the sweep with skip_finished=true"
-                if multirun
+                if sweep_dir
                 else f"continue it with {override('resume', run_dir)}"
             )
             raise ValueError(f"{run_dir} holds a completed run; {fix}, or start in a new folder")
@@ -192,11 +212,11 @@ def main(cfg: DictConfig) -> float:
         if rank_zero_only.rank == 0:
             resume_command = fcexp_command(override("resume", run_dir))
             print(f"interrupted; continue this run with: {resume_command}", file=sys.stderr)
-            if multirun:
-                print(f"finish the sweep with: {finish_sweep_command(run_dir.parent)}", file=sys.stderr)
+            if sweep_dir:
+                print(f"finish the sweep with: {finish_sweep_command(sweep_dir)}", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
-        if multirun:
+        if sweep_dir:
             # One bad job must not end a sweep: it is recorded as failed and the others go on.
             log.error("job %s failed: %s", run_dir.name, err)
             return math.nan
@@ -212,9 +232,20 @@ def main(cfg: DictConfig) -> float:
     best = result["metrics"]["val/acc_best"]
     say("test accuracy %.4f, best val accuracy %.4f", result["metrics"]["test/acc"], best)
     say("run folder: %s", run_dir)
-    if not multirun:
+    if not sweep_dir:
         say("view it: %s --logdir %s", shell_program("tensorboard"), shlex.quote(str(run_dir)))
     return best
+
+
+@hydra.main(version_base="1.3", config_path="pkg://fcexp.conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweep_dir = Path(hydra_cfg.sweep.dir).absolute() if hydra_cfg.mode == RunMode.MULTIRUN else None
+    overrides = list(hydra_cfg.overrides.task)
+    if not cfg.resume and isinstance(cfg.replicates, int) and cfg.replicates > 1:
+        return replicate(cfg, run_dir, overrides, sweep_dir)
+    return run(cfg, run_dir, overrides, sweep_dir)
 
 
 if __name__ == "__main__":
