@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure  # the object API needs no backend or display: PNGs on any machine
 from omegaconf import DictConfig, OmegaConf
 
-from fcexp.record import RECORD, RunRecord, fcexp_command, flat_hparams, shell_program
+from fcexp.record import RECORD, RunRecord, fcexp_command, flat_hparams, override_key, shell_program
 from fcexp.stats import ALPHA, Difference, Interval, difference, holm, interval
 
 log = logging.getLogger("fcexp")
@@ -94,14 +94,10 @@ class Job:
         return [
             o
             for o in self.overrides
-            if not _override_key(o).startswith("hydra.")
-            and _override_key(o) not in {*NOT_THE_JOB, *without}
+            if not override_key(o).startswith("hydra.")
+            and override_key(o) not in {*NOT_THE_JOB, *without}
             and o.lstrip("+") not in SWEEP_ONLY_PRESETS
         ]
-
-
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def load_job(folder: Path) -> Job:
@@ -152,7 +148,7 @@ def unstarted_jobs(sweep_dir: Path, started: list[Job]) -> list[Job]:
 
     def identity(overrides: list[str]) -> frozenset[str]:
         # How a sweep runs is no part of what a job is: a rerun adds skip_finished=true to the jobs it reaches.
-        return frozenset(o for o in overrides if _override_key(o) not in exclude)
+        return frozenset(o for o in overrides if override_key(o) not in exclude)
 
     seen = {identity(job.overrides) for job in started}
     # Only knobs the started jobs record as hparams: an override like callbacks.progress.refresh_rate is not one.
@@ -206,7 +202,7 @@ def swept_knobs(jobs: list[Job]) -> list[str]:
     ]
     # A choice's own parameters (activation.negative_slope when the activation was swept) belong to that choice;
     # they are knobs only when swept themselves.
-    overridden = {_override_key(o) for job in jobs for o in job.overrides}
+    overridden = {override_key(o) for job in jobs for o in job.overrides}
     return [k for k in differ if k.rpartition(".")[0] not in differ or k in overridden]
 
 
@@ -473,7 +469,7 @@ def sweep_command(sweep_dir: Path) -> list[str] | None:
     """The overrides the sweep was started with (its multirun.yaml), if it recorded them."""
     if not (sweep_dir / MULTIRUN).is_file():
         return None
-    return [o for o in OmegaConf.load(sweep_dir / MULTIRUN).hydra.overrides.task if _override_key(o) != "seed"]
+    return [o for o in OmegaConf.load(sweep_dir / MULTIRUN).hydra.overrides.task if override_key(o) != "seed"]
 
 
 def report(sweep_dir: Path) -> str:

@@ -29,6 +29,11 @@ CHECKPOINTS = "checkpoints"
 INTERRUPTED = "interrupted.ckpt"
 
 
+def override_key(override: str) -> str:
+    """The key an override sets: `model.dropout` of `model.dropout=0.5`, `sweep` of `+sweep=grid`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def flat_hparams(cfg: DictConfig, overrides: list[str] = ()) -> dict[str, Any]:
     """The knobs of a run as flat scalars: the columns of TensorBoard's HParams tab and of `fcexp.compare`.
 
@@ -50,7 +55,7 @@ def flat_hparams(cfg: DictConfig, overrides: list[str] = ()) -> dict[str, Any]:
     params["seed"] = cfg.seed
     # TensorBoard's HParams tab takes numbers, strings and booleans only.
     params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    keys = [override_key(o) for o in overrides]
     chosen = [k for k in params if any(k == key or k.startswith(f"{key}.") for key in keys)]
     return {k: params[k] for k in chosen} | params
 

@@ -33,6 +33,7 @@ from fcexp.record import (
     fcexp_command,
     flat_hparams,
     override,
+    override_key,
     resume_checkpoint,
     shell_program,
 )
@@ -169,7 +170,7 @@ def replicate(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: P
         typed = validated(cfg)
     except ValueError:
         return run(cfg, run_dir, overrides, sweep_dir)  # refused there, once, as any run is
-    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("seed", "replicates")]
+    keep = [o for o in overrides if override_key(o) not in ("seed", "replicates")]
     bests = []
     for seed in range(typed.seed, typed.seed + typed.replicates):
         one = OmegaConf.merge(cfg, {"seed": seed, "replicates": 1})
