@@ -280,7 +280,10 @@ class MNISTDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.fit_loop.restarting:
             # A run resumed from a mid-epoch checkpoint (Ctrl-C) continues that epoch's batch order where it stopped;
             # Lightning restores its batch count first and would otherwise feed the epoch's first batches again.
-            loader.skip = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            # One stopped after its last batch (in validation) has nothing to skip: Lightning takes no batch from
+            # this first pass then, and feeds it to the next epoch.
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            loader.skip = done if done < len(loader) else 0
         return loader
 
     def val_dataloader(self) -> TensorLoader:
