@@ -29,7 +29,7 @@ def test_default_is_the_seed():
 
 def test_leaky_relu_override_builds_its_configured_slope():
     model = instantiate(compose_config("activation=leaky_relu", "activation.negative_slope=0.2").model)
-    layers = [m for m in model.net if isinstance(m, nn.LeakyReLU)]
+    layers = [m for m in model.net.member(0) if isinstance(m, nn.LeakyReLU)]
     assert len(layers) == 2 and all(m.negative_slope == 0.2 for m in layers)
 
 
@@ -38,6 +38,6 @@ def test_short_overrides_reach_the_net():
         "model.hidden=[64,32,16]", "model.dropout=0.5", "model.batch_norm=true", "model.l2=0.001", "optimizer=sgd"
     )
     model = instantiate(cfg.model)
-    assert [m.p for m in model.net if isinstance(m, nn.Dropout)] == [0.5] * 3
-    assert sum(isinstance(m, nn.BatchNorm1d) for m in model.net) == 3
+    assert [m.p for m in model.net.member(0) if isinstance(m, nn.Dropout)] == [0.5] * 3
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in model.net.member(0)) == 3
     assert type(model.configure_optimizers()).__name__ == "SGD"

@@ -105,7 +105,7 @@ def at_start(ev: EventAccumulator, tag: str) -> float:
 def test_a_relu_layer_pushed_negative_is_measured_dead(mnist_root, tmp_path):
     model = Classifier(hidden=[32, 32], activation="relu", optimizer=partial(torch.optim.SGD, lr=0.01))
     with torch.no_grad():
-        model.net[0].bias.fill_(-100.0)  # no MNIST image can lift a unit of layer 1 above zero
+        model.net.biases[0].fill_(-100.0)  # no MNIST image can lift a unit of layer 1 above zero
     ev = measure_units(model, tmp_path)
     assert at_start(ev, "units/dead/layer01") == 1.0
     assert at_start(ev, "units/sparsity/layer01") == 1.0
@@ -116,7 +116,7 @@ def test_a_relu_layer_pushed_negative_is_measured_dead(mnist_root, tmp_path):
 def test_a_sigmoid_layer_pushed_into_saturation_is_measured_saturated(mnist_root, tmp_path):
     model = Classifier(hidden=[32, 32], activation="sigmoid", optimizer=partial(torch.optim.SGD, lr=0.01))
     with torch.no_grad():
-        model.net[0].bias.fill_(100.0)  # sigmoid(100) = 1 in float32: derivative 0 for every image
+        model.net.biases[0].fill_(100.0)  # sigmoid(100) = 1 in float32: derivative 0 for every image
     ev = measure_units(model, tmp_path)
     assert at_start(ev, "units/saturated/layer01") == 1.0
     assert at_start(ev, "units/dead/layer01") == 0.0

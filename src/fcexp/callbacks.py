@@ -18,10 +18,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from fcexp.module import class_indices
-from fcexp.net import ACTIVATIONS, linear_layers
+from fcexp.net import ACTIVATION_TYPES, linear_layers
 
 log = logging.getLogger("fcexp")
-ACTIVATION_TYPES = tuple(set(ACTIVATIONS.values()))
 # Evenly spaced histogram bins: TensorBoard's default (~1,500 exponential edges) takes 10x longer on a 784x512 weight.
 BINS = 64
 

@@ -1,4 +1,9 @@
-"""The LightningModule: loss, Keras-style L2, optimizer from config, metrics. The Trainer does the rest."""
+"""The LightningModule: loss, Keras-style L2, optimizer from config, metrics. The Trainer does the rest.
+
+One module trains one net or a pack of them (`members`): nets of one shape that differ in their activation,
+dropout, batch norm, L2, init, label smoothing, seed and optimizer settings, trained as one vectorized model
+(fcexp.net.PackedMLP). A single net is a pack of one: every feature has one implementation.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,9 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric
 
-from fcexp.net import OUTPUT_ACTIVATIONS, build_mlp, check_hidden, check_per_layer, l2_penalty, linear_layers, per_layer
+from fcexp.net import OUTPUT_ACTIVATIONS, PackedMLP, check_hidden, check_per_layer, per_layer
 
 # Lightning sets this at import so CUDA stays uninitialized across forks; but then every optimizer step
 # re-probes NVML (a dlopen, ~0.3 ms a step on a machine without a GPU). fcexp's DDP launches
@@ -21,10 +24,13 @@ os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
+# What members of a pack may differ in; everything else of the model they share.
+MEMBER_KNOBS = ("activation", "dropout", "batch_norm", "l2", "init", "label_smoothing", "seed")
+
 
 def class_indices(y: torch.Tensor) -> torch.Tensor:
     """Targets arrive one-hot (the seed) or as class indices; metrics want indices."""
-    return y.argmax(dim=1) if y.ndim == 2 else y
+    return y.argmax(dim=-1) if y.is_floating_point() else y
 
 
 def check_optimizer(factory: OptimizerFactory) -> None:
@@ -39,8 +45,36 @@ def check_optimizer(factory: OptimizerFactory) -> None:
         raise ValueError(f"optimizer {name} refuses {dict(settings)}: {err}") from None
 
 
+def optimizer_settings(factory: OptimizerFactory | None) -> tuple:
+    """What makes two optimizer factories the same: their class and keyword arguments."""
+    return (getattr(factory, "func", factory), sorted(getattr(factory, "keywords", {}).items()))
+
+
+class PerMember(Metric):
+    """The mean over an epoch's examples of a value measured per member: one entry per member. Updates never
+    wait for the device."""
+
+    full_state_update = False
+
+    def __init__(self, members: int):
+        super().__init__()
+        self.add_state("total", torch.zeros(members, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, examples: int) -> None:
+        self.total += value.detach() * examples
+        self.count += examples
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count).float()
+
+
 class Classifier(L.LightningModule):
-    """A fully connected classifier trained with cross-entropy on logits; softmax where probabilities are reported."""
+    """Fully connected classifiers trained with cross-entropy on logits; softmax where probabilities are reported.
+
+    The arguments describe one net. `members`, a list of mappings of MEMBER_KNOBS plus `optimizer`, makes a pack
+    of several nets that take the other arguments from here and each of those knobs from its own mapping.
+    """
 
     def __init__(
         self,
@@ -55,92 +89,199 @@ class Classifier(L.LightningModule):
         num_classes: int = 10,
         optimizer: OptimizerFactory | None = None,
         compile: bool = False,
+        seed: int | None = None,
+        members: Sequence[Mapping[str, Any]] = (),
     ):
         super().__init__()
         # The optimizer is a factory (Hydra's _partial_), not a hyperparameter a checkpoint can hold.
-        self.save_hyperparameters(ignore=["optimizer"], logger=False)
-        knobs = {"model.dropout": (dropout, float), "model.batch_norm": (batch_norm, bool), "model.l2": (l2, float)}
-        check_per_layer(len(check_hidden(hidden)), knobs)
-        self.net = build_mlp(in_features, hidden, num_classes, activation, dropout, batch_norm, init)
+        self.save_hyperparameters(ignore=["optimizer", "members"], logger=False)
+        own = {"activation": activation, "dropout": dropout, "batch_norm": batch_norm, "l2": l2, "init": init}
+        own |= {"label_smoothing": label_smoothing, "seed": seed, "optimizer": optimizer}
+        specs = [own | dict(m) for m in members] or [own]
+        if members:
+            self.hparams["members"] = [{k: m[k] for k in MEMBER_KNOBS} for m in specs]
+        depth = len(check_hidden(hidden))
+        for m in specs:
+            knobs = {"model.dropout": (m["dropout"], float), "model.batch_norm": (m["batch_norm"], bool)}
+            check_per_layer(depth, knobs | {"model.l2": (m["l2"], float)})
+            for lam in per_layer("model.l2", m["l2"], depth):
+                if lam < 0:
+                    raise ValueError(f"model.l2 must be >= 0, got {lam}")
+            if not 0.0 <= m["label_smoothing"] < 1.0:
+                raise ValueError(f"model.label_smoothing must be in [0, 1), got {m['label_smoothing']}")
+            if m["optimizer"] is not None:
+                check_optimizer(m["optimizer"])
+        if len({optimizer_settings(m["optimizer"])[0] for m in specs}) > 1:
+            raise ValueError("the members of a pack share their optimizer's type; only its settings may differ")
+        self.net = PackedMLP(in_features, hidden, num_classes, specs)
+        self.members = len(specs)
+        self.factories = [m["optimizer"] for m in specs]
+        # Runs of members with the same optimizer settings share a parameter group (configure_optimizers).
+        self.ranges: list[tuple[int, int]] = []
+        for i, factory in enumerate(self.factories):
+            if self.ranges and optimizer_settings(self.factories[self.ranges[-1][0]]) == optimizer_settings(factory):
+                self.ranges[-1] = (self.ranges[-1][0], i + 1)
+            else:
+                self.ranges.append((i, i + 1))
+        self.register_buffer("l2", torch.tensor([per_layer("l2", m["l2"], depth) for m in specs]), persistent=False)
+        smoothing = torch.tensor([float(m["label_smoothing"]) for m in specs]).view(-1, 1)
+        self.register_buffer("smoothing", smoothing, persistent=False)
         # One image: the model summary shows each layer's shapes and the FLOPs of one forward pass.
         self.example_input_array = torch.zeros(1, in_features)
         if compile:
             # In place: the parameters keep their names, so checkpoints load with or without it.
             self.net.compile()
-        for lam in per_layer("model.l2", l2, len(linear_layers(self.net)) - 1):
-            if lam < 0:
-                raise ValueError(f"model.l2 must be >= 0, got {lam}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
-        if optimizer is not None:
-            check_optimizer(optimizer)
-        self.optimizer = optimizer
         self.output_activation = OUTPUT_ACTIVATIONS["multiclass"]
-        # validate_args=False: the per-step input checks cost more than the update itself.
-        self.train_acc, self.val_acc, self.test_acc = (
-            MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3)
+        self.metrics = torch.nn.ModuleDict(
+            {f"{stage}_{name}": PerMember(self.members) for stage in ("train", "val", "test") for name in ("loss", "acc")}
         )
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self.val_acc_best = MaxMetric()
-        self.val_acc_best.persistent(True)  # in checkpoints: a resumed run remembers its best epoch so far
+        # In checkpoints: a resumed run remembers its best epoch so far.
+        self.register_buffer("best_val_acc", torch.zeros(self.members))
+        # Training on: a member whose loss stopped being finite is taken out of the pack (fcexp.train records it).
+        self.register_buffer("alive", torch.ones(self.members, dtype=torch.bool), persistent=False)
+        # The step at which each member's loss first stopped being finite (-1: never), kept on the device so that
+        # no step waits for it; read on logging steps.
+        self.register_buffer("diverged_at", torch.full((self.members,), -1), persistent=False)
+        self.member_metrics: list[dict[str, torch.Tensor]] = [{} for _ in range(self.members)]
+        self.member_loggers: list = []
+        self.test_probs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        """Logits: (batch, classes) for a single net, (members, batch, classes) for a pack."""
+        logits = self.net(x)
+        return logits[0] if self.members == 1 and x.dim() == 2 else logits
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # cross_entropy takes one-hot probabilities and class indices alike, with identical results.
-        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+    def losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each member's mean cross-entropy over the batch, with its label smoothing: (members,).
+
+        Targets are one-hot probabilities or class indices, the same for every member (batch, ...) or per member
+        (members, batch, ...); the loss is the same either way, as in F.cross_entropy."""
+        logp = logits.float().log_softmax(-1)
+        if y.is_floating_point():
+            nll = -(y * logp).sum(-1)
+        else:
+            nll = -logp.gather(-1, y.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+        return ((1 - self.smoothing) * nll - self.smoothing * logp.mean(-1)).mean(-1)
+
+    def accuracies(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (logits.argmax(-1) == class_indices(y)).float().mean(-1)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self.net(x)
-        loss = self.loss(logits, y)
-        l2 = l2_penalty(self.net, self.hparams.l2)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}): training diverged; "
-                "try a lower optimizer.lr"
-            )
-        self.train_loss.update(loss.detach(), weight=len(x))
-        self.train_acc.update(logits.detach(), class_indices(y))
-        # Step curves go straight to the loggers every log_every_n_steps: self.log on every step
-        # costs about a millisecond of bookkeeping, a tenth of the step itself on a CPU.
+        losses = self.losses(logits, y)
+        l2 = self.net.l2_penalty(self.l2)
+        self.diverged_at = torch.where(
+            ~torch.isfinite(losses) & (self.diverged_at < 0), self.global_step, self.diverged_at
+        )
+        examples = x.shape[-2]
+        self.metrics["train_loss"].update(losses, examples)
+        self.metrics["train_acc"].update(self.accuracies(logits.detach(), y), examples)
+        # Step curves go straight to each member's logger every log_every_n_steps: self.log on every step costs
+        # about a millisecond of bookkeeping, and reading a value makes the host wait for the device.
         if self.global_step % self.trainer.log_every_n_steps == 0:
-            step_metrics = {"train/loss_step": loss.item(), "train/l2": l2.item()}
-            for logger in self.loggers:
-                logger.log_metrics(step_metrics, step=self.global_step)
-        return loss + l2
+            self.check_finite()
+            self.log_members({"train/loss_step": losses.detach(), "train/l2": l2.detach()})
+        # A member out of the pack contributes nothing: no gradient, no update (its numbers may be NaN).
+        return torch.where(self.alive, losses + l2, 0).sum()
+
+    def check_finite(self) -> None:
+        """Take out of the pack every member whose loss stopped being finite; when none is left, stop the run."""
+        diverged = (self.diverged_at >= 0) & self.alive
+        if not diverged.any():
+            return
+        self.alive &= ~diverged
+        for i in diverged.nonzero().flatten().tolist():
+            step = int(self.diverged_at[i])
+            epoch = step // max(1, self.trainer.num_training_batches)
+            error = FloatingPointError(
+                f"loss is nan at step {step} (epoch {epoch}): training diverged; try a lower optimizer.lr"
+            )
+            if self.members == 1:
+                raise error
+            self.on_member_failed(i, error)
+        if not self.alive.any():
+            raise FloatingPointError("every member of the pack diverged")
+
+    def on_member_failed(self, member: int, error: BaseException) -> None:
+        """Set by fcexp.train: records the member as failed."""
+
+    def log_members(self, metrics: Mapping[str, torch.Tensor], step: int | None = None) -> None:
+        """Per-member values (members,) to each living member's own logger, at `step` (default: the global step)."""
+        if not self.member_loggers:
+            return
+        values = torch.stack([v.float() for v in metrics.values()]).tolist()  # one wait for the device
+        for i, logger in enumerate(self.member_loggers):
+            if self.alive[i]:
+                logger.log_metrics(
+                    {k: v[i] for k, v in zip(metrics, values, strict=True)},
+                    step=self.global_step if step is None else step,
+                )
+
+    def end_epoch(self, stage: str) -> None:
+        """An epoch's per-member means: to each member's metrics and logger; their mean over the living members to
+        the trainer's (what its progress display shows; a pack of one shows its own)."""
+        # reshape: torchmetrics returns a pack of one's single value as a scalar.
+        values = {f"{stage}/{m}": self.metrics[f"{stage}_{m}"].compute().reshape(self.members) for m in ("loss", "acc")}
+        for metric in ("loss", "acc"):
+            self.metrics[f"{stage}_{metric}"].reset()
+        if self.trainer.sanity_checking:  # Lightning's check that validation runs: nothing to record
+            return
+        if stage == "val":
+            self.best_val_acc = torch.maximum(self.best_val_acc, values["val/acc"])
+            values["val/acc_best"] = self.best_val_acc.clone()
+        for i, metrics in enumerate(self.member_metrics):
+            metrics.update({k: v[i] for k, v in values.items()})
+        self.log_members(values | {"epoch": torch.full((self.members,), float(self.current_epoch))})
+        # Every rank holds the same synced values; sync_dist only silences Lightning's DDP warning.
+        alive = self.alive if self.alive.any() else torch.ones_like(self.alive)
+        self.log_dict({k: v[alive].mean() for k, v in values.items()}, prog_bar=stage == "val", sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
-        self.log_dict({"train/loss": self.train_loss, "train/acc": self.train_acc})
+        self.check_finite()
+        self.end_epoch("train")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_loss, self.val_acc)
+        self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({"val/loss": self.val_loss, "val/acc": self.val_acc}, prog_bar=True)
-        if not self.trainer.sanity_checking:
-            self.val_acc_best(self.val_acc.compute())
-            # Every rank holds the same synced value; sync_dist only silences Lightning's DDP warning.
-            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+        self.end_epoch("val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_loss, self.test_acc)
+        logits = self._evaluate(batch, "test")
+        self.test_probs = (batch[0], self.output_activation(logits))  # what Figures draws, per member
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict({"test/loss": self.test_loss, "test/acc": self.test_acc})
+        self.end_epoch("test")
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], loss: MeanMetric, acc: MulticlassAccuracy) -> None:
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
         logits = self.net(x)
-        loss.update(self.loss(logits, y), weight=len(x))
-        acc.update(logits, class_indices(y))
+        self.metrics[f"{stage}_loss"].update(self.losses(logits, y), x.shape[-2])
+        self.metrics[f"{stage}_acc"].update(self.accuracies(logits, y), x.shape[-2])
+        return logits
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Class probabilities: the seed's output-activation rule (softmax for several classes)."""
-        return self.output_activation(self.net(batch[0]))
+        return self.output_activation(self(batch[0]))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer is None:
+        if any(f is None for f in self.factories):
             raise ValueError("Classifier needs an optimizer factory to train (Hydra passes `optimizer` with _partial_)")
-        return self.optimizer(self.parameters())
+        # A pack whose members agree on the optimizer's settings holds its tensors whole, as a single net does.
+        params = list(self.parameters())
+        if len(self.ranges) == 1:
+            return self.factories[0](params)
+        # Views of each run of members: the optimizer updates them in place, in the pack's own tensors.
+        self.views = [[torch.nn.Parameter(p.detach()[a:b]) for p in params] for a, b in self.ranges]
+        groups = [
+            {"params": views, **getattr(self.factories[a], "keywords", {})}
+            for views, (a, _) in zip(self.views, self.ranges, strict=True)
+        ]
+        return self.factories[0](groups)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if len(self.ranges) > 1:  # the views take this step's gradients of their members
+            for views, (a, b) in zip(self.views, self.ranges, strict=True):
+                for view, p in zip(views, self.parameters(), strict=True):
+                    view.grad = None if p.grad is None else p.grad[a:b]

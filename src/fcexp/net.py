@@ -25,6 +25,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "identity": nn.Identity,
 }
 
+ACTIVATION_TYPES = tuple(set(ACTIVATIONS.values()))
+
 # Keras' initializers by their Keras names; "torch" keeps PyTorch's own default.
 INITS = {
     "torch": None,
@@ -174,3 +176,177 @@ def l2_penalty(net: nn.Module, l2: float | Sequence[float]) -> torch.Tensor:
         if lam:
             total = total + lam * layer.weight.square().sum()
     return total
+
+
+def coin_dropout(h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Dropout with one rate per member: `p` has shape (members, 1, 1) and broadcasts over `h` (members, batch, units).
+
+    On the CPU each unit's coin is a 16-bit slice of a 64-bit random integer: four coins per draw of the generator,
+    a quarter of the time of torch's bernoulli kernel (p is rounded to a multiple of 1/65536). Elsewhere (CUDA, MPS)
+    the coins are torch.rand's.
+    """
+    if h.device.type != "cpu":
+        return h * (torch.rand_like(h) >= p) / (1 - p)
+    n = h.numel()
+    draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    coins = draws.view(torch.int16)[:n].view(h.shape)  # uniform over -32768..32767
+    dropped = torch.round(p * 65536)
+    return h * (coins >= dropped - 32768) * (65536 / (65536 - dropped))
+
+
+def _seeded_mlp(seed: int | None, *args: Any) -> nn.Sequential:
+    """`build_mlp(*args)` drawing its initial weights from `seed` (None: from the current random state)."""
+    if seed is None:
+        return build_mlp(*args)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_mlp(*args)
+
+
+class PackedMLP(nn.Module):
+    """Several nets of one shape trained as one: a layer's weights are stacked along a leading member dimension, so a
+    step costs a few batched matrix products however many members there are. A single net is a pack of one.
+
+    Each member is given by a mapping with its `activation`, `dropout`, `batch_norm`, `init` and `seed`. It starts
+    from exactly the weights `build_mlp` gives with that seed. Inputs are (batch, features), shared by all members,
+    or (members, batch, features); outputs are (members, batch, classes). Members are independent: no gradient,
+    statistic or random draw of one depends on another's values.
+    """
+
+    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, members: Sequence[Mapping]):
+        super().__init__()
+        sizes = check_hidden(hidden)
+        nets = [
+            _seeded_mlp(
+                m.get("seed"), in_features, sizes, out_features, m["activation"], m["dropout"], m["batch_norm"], m["init"]
+            )
+            for m in members
+        ]
+        self.members = len(nets)
+        linears = [linear_layers(net) for net in nets]
+        self.depth = len(sizes)
+        self.in_features, self.out_features = in_features, out_features
+        # Weights as (members, in, out), so that a layer is one torch.bmm; biases (members, 1, out).
+        self.weights = nn.ParameterList(
+            torch.stack([ls[k].weight.detach().t() for ls in linears]) for k in range(self.depth + 1)
+        )
+        self.biases = nn.ParameterList(
+            torch.stack([_bias(ls[k]) for ls in linears]).unsqueeze(1) for k in range(self.depth + 1)
+        )
+        flags = [per_layer("batch_norm", m["batch_norm"], self.depth, kind=bool) for m in members]
+        self.norm_layers = [k for k in range(self.depth) if any(f[k] for f in flags)]
+        self.norms = nn.ModuleDict({str(k): _StackedNorm(sizes[k], [f[k] for f in flags]) for k in self.norm_layers})
+        # A layer followed by batch norm has no bias in build_mlp: its slot stays zero and gets no gradient.
+        for k in range(self.depth):
+            self.register_buffer(f"bias_mask{k}", torch.tensor([not f[k] for f in flags]).view(-1, 1, 1).float(), persistent=False)
+        rates = [per_layer("dropout", m["dropout"], self.depth) for m in members]
+        for k in range(self.depth):
+            self.register_buffer(f"dropout{k}", torch.tensor([r[k] for r in rates]).view(-1, 1, 1), persistent=False)
+        self.dropout_layers = [k for k in range(self.depth) if any(r[k] > 0 for r in rates)]
+        # Members with the same parameter-free activation share one call; runs of them are applied in turn.
+        self.specs = [m["activation"] for m in members]
+        acts = [next(m for m in net if isinstance(m, ACTIVATION_TYPES)) for net in nets]
+        if self.members > 1 and any(any(True for _ in a.parameters()) for a in acts):
+            raise ValueError("an activation with learned parameters (prelu) trains only in a pack of one")
+        self.runs: list[tuple[int, int]] = []
+        for i, spec in enumerate(self.specs):
+            if self.runs and self.specs[self.runs[-1][0]] == spec:
+                self.runs[-1] = (self.runs[-1][0], i + 1)
+            else:
+                self.runs.append((i, i + 1))
+        self.activations = nn.ModuleList(acts[a] for a, _ in self.runs)
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        if len(self.runs) == 1:
+            return self.activations[0](h)
+        return torch.cat([act(h[a:b]) for act, (a, b) in zip(self.activations, self.runs, strict=True)])
+
+    def member_activation(self, i: int) -> nn.Module:
+        return next(act for act, (a, b) in zip(self.activations, self.runs, strict=True) if a <= i < b)
+
+    def forward(self, x: torch.Tensor, capture: list | None = None) -> torch.Tensor:
+        """Logits (members, batch, classes). With `capture`, (pre-activation, activation) per hidden layer is
+        appended to it."""
+        h = x.expand(self.members, *x.shape) if x.dim() == 2 else x
+        for k in range(self.depth):
+            h = torch.baddbmm(self.biases[k] * getattr(self, f"bias_mask{k}"), h, self.weights[k])
+            if k in self.norm_layers:
+                h = self.norms[str(k)](h)
+            pre, h = h, self.activate(h)
+            if capture is not None:
+                capture.append((pre, h))
+            if self.training and k in self.dropout_layers:
+                h = coin_dropout(h, getattr(self, f"dropout{k}"))
+        return torch.baddbmm(self.biases[-1], h, self.weights[-1])
+
+    def l2_penalty(self, l2: torch.Tensor) -> torch.Tensor:
+        """Keras' kernel_regularizer per member: `l2` is (members, hidden layers); each member's λ·Σw² (members,)."""
+        total = torch.zeros(self.members, device=l2.device)
+        for k in range(self.depth):
+            if l2[:, k].any():
+                total = total + l2[:, k] * self.weights[k].square().sum((1, 2))
+        return total
+
+    def member(self, i: int) -> nn.Sequential:
+        """Member `i` as the nn.Sequential `build_mlp` makes, its tensors views of the pack's: what the diagnostics
+        read. Its gradients are the pack's current ones."""
+        layers: list[nn.Module] = []
+        for k in range(self.depth + 1):
+            w = self.weights[k]
+            has_bias = k == self.depth or bool(getattr(self, f"bias_mask{k}")[i])
+            linear = nn.Linear(w.shape[1], w.shape[2], bias=has_bias, device="meta")
+            linear.weight = nn.Parameter(w.detach()[i].t(), requires_grad=False)
+            linear.weight.grad = None if w.grad is None else w.grad[i].t()
+            if has_bias:
+                linear.bias = nn.Parameter(self.biases[k].detach()[i, 0], requires_grad=False)
+            layers.append(linear)
+            if k == self.depth:
+                break
+            if str(k) in self.norms and self.norms[str(k)].enabled[i]:
+                layers.append(self.norms[str(k)].member(i))
+            layers.append(self.member_activation(i))
+            rate = float(getattr(self, f"dropout{k}")[i])
+            if rate > 0:
+                layers.append(nn.Dropout(rate))
+        return nn.Sequential(*layers)
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor:
+    return linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features)
+
+
+class _StackedNorm(nn.Module):
+    """BatchNorm1d per member over (members, batch, units), for the members whose flag is set; the others pass
+    through unchanged. Same statistics, momentum and epsilon as nn.BatchNorm1d."""
+
+    momentum, eps = 0.1, 1e-5
+
+    def __init__(self, units: int, enabled: Sequence[bool]):
+        super().__init__()
+        members = len(enabled)
+        self.enabled = list(enabled)
+        self.weight = nn.Parameter(torch.ones(members, 1, units))
+        self.bias = nn.Parameter(torch.zeros(members, 1, units))
+        self.register_buffer("running_mean", torch.zeros(members, 1, units))
+        self.register_buffer("running_var", torch.ones(members, 1, units))
+        self.register_buffer("mask", torch.tensor(enabled).view(-1, 1, 1), persistent=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)
+            with torch.no_grad():
+                n = h.shape[1]
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
+        else:
+            var, mean = self.running_var, self.running_mean
+        out = (h - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return out if all(self.enabled) else torch.where(self.mask, out, h)
+
+    def member(self, i: int) -> nn.BatchNorm1d:
+        norm = nn.BatchNorm1d(self.weight.shape[-1], device="meta")
+        norm.weight = nn.Parameter(self.weight.detach()[i, 0], requires_grad=False)
+        norm.bias = nn.Parameter(self.bias.detach()[i, 0], requires_grad=False)
+        norm.running_mean, norm.running_var = self.running_mean[i, 0], self.running_var[i, 0]
+        norm.num_batches_tracked = torch.zeros((), dtype=torch.long)
+        return norm

@@ -8,7 +8,9 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -26,6 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import fcexp.conf  # noqa: F401  registers the configs' resolvers, also in a sweep's worker processes
 from fcexp.data import DataError
+from fcexp.module import MEMBER_KNOBS, Classifier
+from fcexp.pack import Member, Members, PackedData, merged_checkpoint
 from fcexp.record import (
     RECORD,
     RunRecord,
@@ -79,61 +83,133 @@ def user_error(err: InstantiationException) -> Exception:
     return ValueError(" ".join(line for line in lines if line))
 
 
+@dataclass
+class Job:
+    """A run to train: its config, folder and overrides, and whether it continues from its newest checkpoint."""
+
+    cfg: DictConfig
+    run_dir: Path
+    overrides: list[str]
+    resume: bool = False
+
+
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str], resume: bool = False) -> dict:
     """Train, test and record one run in `run_dir`; returns its metrics.json content.
 
     With `resume`, training continues from the run's newest checkpoint (its step, epoch, optimizer and random
     state) in the same folder and TensorBoard run; without a checkpoint it starts again from step 0.
     """
+    (result,) = train_pack([Job(cfg, run_dir, overrides, resume)])
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _members_model(cfgs: list[DictConfig]) -> Classifier:
+    """One net from its config, or a pack with each member's own knobs, optimizer and seed."""
+    factory = instantiate(cfgs[0].model, _partial_=True)
+    if len(cfgs) == 1:
+        return factory(seed=cfgs[0].seed)
+    members = []
+    for cfg in cfgs:
+        knobs = instantiate(cfg.model, _partial_=True).keywords
+        members.append({k: knobs[k] for k in (*MEMBER_KNOBS[:-1], "optimizer")} | {"seed": cfg.seed})
+    return factory(members=members)
+
+
+def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
+    """Train, test and record runs that share a model shape and data settings as one pack (fcexp.pack): each ends
+    with its metrics.json content, or, when it failed while the others went on, its error."""
     quiet_lightning()
-    record = RunRecord(run_dir, overrides, resume=resume)
+    members = [Member(i, job.run_dir, RunRecord(job.run_dir, job.overrides, job.resume)) for i, job in enumerate(jobs)]
     trainer = None
+
+    def failed(i: int, error: BaseException) -> None:
+        member = members[i]
+        member.error = error
+        member.record.fail(error, model.member_metrics[i])
+        if member.logger is not None:
+            member.logger.finalize("failed")
+        log.error("%s failed: %s", member.run_dir.name if len(members) > 1 else "run", error)
+
     try:
-        cfg = validated(cfg)
-        record.describe(flat_hparams(cfg, overrides))
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        datamodule = instantiate(cfg.data)
-        model = instantiate(cfg.model)
-        ckpt_path = resume_checkpoint(run_dir) if resume else None
-        # The run folder is the TensorBoard run. A resumed run first drops the events the stopped one logged after
-        # its checkpoint (TensorBoard's purge_step), so no step shows twice. Events reach the disk every 2 s (not
-        # torch's 120): TensorBoard shows a run as it trains, and a killed run loses at most those seconds.
-        purge_step = (checkpoint_step(ckpt_path) if ckpt_path else 0) if resume else None
-        logger = TensorBoardLogger(
-            save_dir=run_dir, name="", version="", default_hp_metric=False, purge_step=purge_step, flush_secs=2
-        )
-        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [record]
-        if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        cfgs = [validated(job.cfg) for job in jobs]
+        for member, cfg, job in zip(members, cfgs, jobs, strict=True):
+            member.record.describe(flat_hparams(cfg, job.overrides))
+        first = cfgs[0]
+        if first.threads:
+            torch.set_num_threads(first.threads)
+        L.seed_everything(first.seed, workers=True, verbose=False)
+        for member, cfg in zip(members, cfgs, strict=True):
+            member.datamodule = instantiate(cfg.data)
+        datamodule = PackedData([m.datamodule for m in members])
+        model = _members_model(cfgs)
+        model.on_member_failed = failed
+        resumed = [resume_checkpoint(job.run_dir) if job.resume else None for job in jobs]
+        for member, cfg, job, ckpt in zip(members, cfgs, jobs, resumed, strict=True):
+            # The run folder is the TensorBoard run. A resumed run first drops the events the stopped one logged
+            # after its checkpoint (TensorBoard's purge_step), so no step shows twice. Events reach the disk every
+            # 2 s (not torch's 120): TensorBoard shows a run as it trains, and a killed run loses at most those.
+            purge_step = (checkpoint_step(ckpt) if ckpt else 0) if job.resume else None
+            member.logger = TensorBoardLogger(
+                save_dir=job.run_dir, name="", version="", default_hp_metric=False, purge_step=purge_step, flush_secs=2
+            )
+            member.callbacks = [
+                instantiate(c) for name, c in cfg.callbacks.items() if c is not None and name != "progress"
+            ] + [member.record]
+        model.member_loggers = [m.logger for m in members]
+        if any(ckpt is None for ckpt in resumed) and any(ckpt is not None for ckpt in resumed):
+            raise ValueError("a pack resumes all its members from checkpoints or none")
+        if first.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise ValueError(
-                f"trainer.accelerator={cfg.trainer.accelerator} needs CUDA, which this machine lacks; "
+                f"trainer.accelerator={first.trainer.accelerator} needs CUDA, which this machine lacks; "
                 "use trainer=auto or trainer=cpu"
             )
-        trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=run_dir)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        metrics = dict(trainer.callback_metrics)  # test resets callback_metrics
-        # The seed evaluates the model as training left it, not the best checkpoint.
-        trainer.test(model, datamodule=datamodule, verbose=False)
+        progress = [instantiate(first.callbacks.progress)] if first.callbacks.get("progress") else []
+        trainer = instantiate(
+            first.trainer,
+            logger=False,
+            enable_checkpointing=False,  # each member has its own checkpoint callback, among its callbacks
+            callbacks=[*progress, Members(members)],
+            default_root_dir=jobs[0].run_dir,
+        )
+        with tempfile.TemporaryDirectory(prefix="fcexp-resume-") as tmp:
+            ckpt_path = None
+            if resumed[0] is not None:
+                checkpoints = [torch.load(p, map_location="cpu", weights_only=True) for p in resumed]
+                ckpt_path = Path(tmp) / "pack.ckpt"
+                torch.save(merged_checkpoint(checkpoints, model), ckpt_path)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if any(m.error is None for m in members):
+            # The seed evaluates the model as training left it, not the best checkpoint.
+            trainer.test(model, datamodule=datamodule, verbose=False)
     except BaseException as err:
         if isinstance(err, InstantiationException):
             err = user_error(err)
-        record.fail(err, trainer.callback_metrics if trainer is not None else {})
-        if record.record["status"] == "interrupted":
+        for member in members:
+            if member.error is None:
+                metrics = model.member_metrics[member.index] if trainer is not None else {}
+                member.record.fail(err, metrics)
+        if any(m.record.record["status"] == "interrupted" for m in members):
             raise KeyboardInterrupt from None  # Lightning turns Ctrl-C into exit(1); it is still an interrupt
         raise err from None
-    metrics |= trainer.callback_metrics
-    result = record.finish(metrics)
-    if trainer.is_global_zero:
-        final = {
-            "hp_metric": metrics["val/acc_best"],
-            "final/val_acc": metrics["val/acc"],
-            "final/test_acc": metrics["test/acc"],
-            "final/test_loss": metrics["test/loss"],
-        }
-        logger.log_hyperparams(record.record["hparams"], {k: float(v) for k, v in final.items()})
-        logger.finalize("success")
-    return result
+    results: list[dict | BaseException] = []
+    for member in members:
+        if member.error is not None:
+            results.append(member.error)
+            continue
+        metrics = model.member_metrics[member.index]
+        results.append(member.record.finish(metrics))
+        if trainer.is_global_zero:
+            final = {
+                "hp_metric": metrics["val/acc_best"],
+                "final/val_acc": metrics["val/acc"],
+                "final/test_acc": metrics["test/acc"],
+                "final/test_loss": metrics["test/loss"],
+            }
+            member.logger.log_hyperparams(member.record.record["hparams"], {k: float(v) for k, v in final.items()})
+            member.logger.finalize("success")
+    return results
 
 
 def compose_config(*overrides: str) -> DictConfig:
