@@ -40,7 +40,6 @@ from torchvision import transforms
 from torchvision.datasets import MNIST
 
 from fcexp.data import MEAN, STD, encode, ensure_mnist, normalize, read_idx
-from fcexp.net import l2_penalty
 from fcexp.train import compose_config, train
 
 DATA_ROOT = os.environ.get("FCEXP_DATA", str(Path("~/.cache/fcexp").expanduser()))
@@ -166,7 +165,7 @@ def hand_loop(steps: int, device: str) -> Callable[[], float]:
 
     def run() -> float:
         model = instantiate(cfg.model).to(device)
-        net, l2 = model.net.train(), cfg.model.l2
+        model.train()
         optimizer = model.configure_optimizers()
         perm = torch.randperm(len(x), device=device)
         for i in range(steps):
@@ -174,7 +173,7 @@ def hand_loop(steps: int, device: str) -> Callable[[], float]:
                 sync(x.device)
                 start = time.perf_counter()
             j = perm[i * BATCH : (i + 1) * BATCH]
-            loss = F.cross_entropy(net(x[j]), y[j]) + l2_penalty(net, l2)
+            loss = F.cross_entropy(model(x[j]), y[j]) + model.net.l2_penalty(model.l2).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fcexp.net import ACTIVATIONS, build_mlp, l2_penalty, linear_layers, make_activation
+from fcexp.net import ACTIVATIONS, PackedMLP, build_mlp, coin_dropout, linear_layers, make_activation
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
@@ -47,22 +47,57 @@ def test_bad_architecture_is_refused(kwargs, message):
         build_mlp(784, **{"hidden": [8, 8], **kwargs}, out_features=10)
 
 
+def member(**knobs):
+    return {"activation": "relu", "dropout": 0.0, "batch_norm": False, "init": "torch", "seed": 0} | knobs
+
+
 def test_l2_is_keras_sum_of_squares_on_chosen_kernels_only():
-    net = build_mlp(3, [2, 2], 2, batch_norm=[False, True])
-    first, second, _ = linear_layers(net)
+    net = PackedMLP(3, [2, 2], 2, [member(batch_norm=[False, True])] * 2)
     with torch.no_grad():
-        first.weight.fill_(1.0)  # 4 weights
-        second.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-    assert l2_penalty(net, [0.0, 0.001]).item() == pytest.approx(0.001 * (1 + 4 + 9 + 16))
-    assert l2_penalty(net, 0.5).item() == pytest.approx(0.5 * (6 + 30))
+        net.weights[0].fill_(1.0)  # 3 x 2 weights a member
+        net.weights[1].copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    penalty = net.l2_penalty(torch.tensor([[0.0, 0.001], [0.5, 0.5]]))
+    assert penalty.tolist() == pytest.approx([0.001 * (1 + 4 + 9 + 16), 0.5 * (6 + 30)])
 
 
-def test_dropout_keeps_the_expected_value():
-    net = build_mlp(1000, [1000], 1, "identity", dropout=0.25)
-    drop = net[2]
-    x = torch.ones(200, 1000)
-    out = drop(x)
-    assert (out == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
-    assert out.mean().item() == pytest.approx(1.0, abs=0.02)
-    drop.eval()
-    assert torch.equal(drop(x), x)
+def test_dropout_keeps_the_expected_value_per_member():
+    x = torch.ones(2, 200, 1000)
+    out = coin_dropout(x, torch.tensor([0.25, 0.0]).view(2, 1, 1))
+    assert (out[0] == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
+    assert out[0].mean().item() == pytest.approx(1.0, abs=0.02)
+    assert torch.equal(out[1], x[1])  # a member without dropout is untouched
+
+
+def test_a_member_is_the_net_build_mlp_makes_with_its_seed():
+    knobs = [member(seed=3, batch_norm=[False, True]), member(seed=4, activation="tanh", dropout=0.5)]
+    pack = PackedMLP(784, [64, 32], 10, knobs)
+    x = torch.randn(50, 784)
+    pack.train()
+    pack(x).sum().backward()  # one training step's batch statistics
+    pack.eval()
+    for i, k in enumerate(knobs):
+        torch.manual_seed(k["seed"])
+        alone = build_mlp(784, [64, 32], 10, k["activation"], k["dropout"], k["batch_norm"], k["init"])
+        first = [layer.weight for layer in linear_layers(alone)]
+        assert all(torch.equal(w, pack.weights[n][i].t()) for n, w in enumerate(first))
+        view = pack.member(i).eval()
+        assert [type(m) for m in view] == [type(m) for m in alone]
+        torch.testing.assert_close(view(x), pack(x)[i])
+        assert view[0].weight.grad is not None  # the pack's gradients, what GradientNorms reads
+
+
+def test_members_are_independent():
+    pack = PackedMLP(784, [32, 32], 10, [member(seed=s, batch_norm=True) for s in range(3)])
+    x = torch.randn(3, 16, 784)
+    x[1, 0, 0] = float("nan")  # member 1's batch holds a NaN
+    out = pack(x)
+    out.sum().backward()
+    assert out[1].isnan().all() and not out[[0, 2]].isnan().any()
+    assert not pack.weights[0].grad[[0, 2]].isnan().any()
+    clean = PackedMLP(784, [32, 32], 10, [member(seed=s, batch_norm=True) for s in (0, 2)])
+    torch.testing.assert_close(clean(x[[0, 2]]), out[[0, 2]])
+
+
+def test_learned_activations_do_not_pack():
+    with pytest.raises(ValueError, match="prelu"):
+        PackedMLP(784, [8], 10, [member(activation="prelu")] * 2)

@@ -133,7 +133,11 @@ class Classifier(L.LightningModule):
             self.net.compile()
         self.output_activation = OUTPUT_ACTIVATIONS["multiclass"]
         self.metrics = torch.nn.ModuleDict(
-            {f"{stage}_{name}": PerMember(self.members) for stage in ("train", "val", "test") for name in ("loss", "acc")}
+            {
+                f"{stage}_{name}": PerMember(self.members)
+                for stage in ("train", "val", "test")
+                for name in ("loss", "acc")
+            }
         )
         # In checkpoints: a resumed run remembers its best epoch so far.
         self.register_buffer("best_val_acc", torch.zeros(self.members))

@@ -43,20 +43,6 @@ OUTPUT_ACTIVATIONS = {"multiclass": nn.Softmax(dim=-1), "binary": nn.Sigmoid(), 
 ActivationSpec = str | Mapping[str, Any]
 
 
-class Dropout(nn.Dropout):
-    """nn.Dropout, but on the CPU each unit's coin is a 16-bit slice of a 64-bit random integer: four coins per draw
-    of the generator, a quarter of the time of torch's bernoulli kernel (p is rounded to a multiple of 1/65536)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.is_cuda:
-            return super().forward(x)
-        n = x.numel()
-        draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-        coins = draws.view(torch.int16)[:n].view(x.shape)  # uniform over -32768..32767
-        dropped = round(self.p * 65536)
-        return x * (coins >= dropped - 32768) * (65536 / (65536 - dropped))
-
-
 def make_activation(spec: ActivationSpec) -> nn.Module:
     """A fresh activation layer from a name (`"tanh"`) or a mapping (`{"name": "leaky_relu", "negative_slope": 0.1}`).
 
@@ -150,7 +136,7 @@ def build_mlp(
             layers.append(nn.BatchNorm1d(size))
         layers.append(make_activation(activation))
         if p > 0:
-            layers.append(Dropout(p))
+            layers.append(nn.Dropout(p))
         width = size
     layers.append(nn.Linear(width, out_features))
 
@@ -166,16 +152,6 @@ def build_mlp(
 def linear_layers(net: nn.Module) -> list[nn.Linear]:
     """The net's Linear layers in order; the last one produces the logits."""
     return [m for m in net.modules() if isinstance(m, nn.Linear)]
-
-
-def l2_penalty(net: nn.Module, l2: float | Sequence[float]) -> torch.Tensor:
-    """Keras' kernel_regularizer=l2(λ): λ·Σw² over each hidden Linear's weight (not biases, not BatchNorm)."""
-    hidden = linear_layers(net)[:-1]
-    total = torch.zeros((), device=hidden[0].weight.device)
-    for layer, lam in zip(hidden, per_layer("l2", l2, len(hidden)), strict=True):
-        if lam:
-            total = total + lam * layer.weight.square().sum()
-    return total
 
 
 def coin_dropout(h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -218,7 +194,14 @@ class PackedMLP(nn.Module):
         sizes = check_hidden(hidden)
         nets = [
             _seeded_mlp(
-                m.get("seed"), in_features, sizes, out_features, m["activation"], m["dropout"], m["batch_norm"], m["init"]
+                m.get("seed"),
+                in_features,
+                sizes,
+                out_features,
+                m["activation"],
+                m["dropout"],
+                m["batch_norm"],
+                m["init"],
             )
             for m in members
         ]
@@ -238,7 +221,9 @@ class PackedMLP(nn.Module):
         self.norms = nn.ModuleDict({str(k): _StackedNorm(sizes[k], [f[k] for f in flags]) for k in self.norm_layers})
         # A layer followed by batch norm has no bias in build_mlp: its slot stays zero and gets no gradient.
         for k in range(self.depth):
-            self.register_buffer(f"bias_mask{k}", torch.tensor([not f[k] for f in flags]).view(-1, 1, 1).float(), persistent=False)
+            self.register_buffer(
+                f"bias_mask{k}", torch.tensor([not f[k] for f in flags]).view(-1, 1, 1).float(), persistent=False
+            )
         rates = [per_layer("dropout", m["dropout"], self.depth) for m in members]
         for k in range(self.depth):
             self.register_buffer(f"dropout{k}", torch.tensor([r[k] for r in rates]).view(-1, 1, 1), persistent=False)

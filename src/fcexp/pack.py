@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -306,7 +307,7 @@ def member_bytes(cfg: DictConfig) -> int:
     """About what one member adds to a pack's memory: weights, their gradients and two optimizer moments, and the
     activations of an evaluation batch (the largest batch) kept for the backward pass or the metrics."""
     widths = [cfg.model.get("in_features", 784), *cfg.model.hidden, cfg.model.get("num_classes", 10)]
-    params = sum((i + 1) * o for i, o in zip(widths, widths[1:], strict=False))
+    params = sum((i + 1) * o for i, o in pairwise(widths))
     batch = max(cfg.data.batch_size, cfg.data.eval_batch_size)
     return 4 * (4 * params + 3 * batch * sum(widths[1:]))
 

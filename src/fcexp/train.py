@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 import fcexp.conf  # noqa: F401  registers the configs' resolvers, also in a sweep's worker processes
 from fcexp.data import DataError
 from fcexp.module import MEMBER_KNOBS, Classifier
-from fcexp.pack import Member, Members, PackedData, merged_checkpoint
+from fcexp.pack import Member, Members, PackedData, member_bytes, merged_checkpoint, pack_key, pack_sizes
 from fcexp.record import (
     RECORD,
     RunRecord,
@@ -239,25 +240,193 @@ def _remove_if_refused(run_dir: Path) -> bool:
     return True
 
 
+def replicas(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[tuple[DictConfig, Path, list[str]]]:
+    """The runs of one configuration: itself, or with `replicates` > 1 one run per seed seed, seed+1, … in
+    `<run_dir>/seed=<s>`."""
+    if cfg.resume or not isinstance(cfg.replicates, int) or cfg.replicates <= 1:
+        return [(cfg, run_dir, overrides)]
+    keep = [o for o in overrides if override_key(o) not in ("seed", "replicates")]
+    return [
+        (
+            OmegaConf.merge(cfg, {"seed": seed, "replicates": 1}),
+            run_dir / f"seed={seed}",
+            [*keep, f"seed={seed}", "replicates=1"],
+        )
+        for seed in range(cfg.seed, cfg.seed + cfg.replicates)
+    ]
+
+
+def mean_best(bests: list[float]) -> float:
+    """What a sweeper ranks a replicated configuration by: the mean of its runs' best val accuracies (NaN if one
+    failed), said with its interval."""
+    best = sum(bests) / len(bests)
+    if len(bests) > 1 and rank_zero_only.rank == 0 and not math.isnan(best):
+        log.info("mean best val accuracy over %d seeds: %s", len(bests), interval(bests))
+    return best
+
+
 def replicate(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path | None) -> float:
-    """`cfg.replicates` runs of one configuration on consecutive seeds, each in `<run_dir>/seed=<s>`: the mean of
-    their best validation accuracies (NaN if one failed), the score a sweeper ranks the configuration by."""
+    """`cfg.replicates` runs of one configuration on consecutive seeds (`replicas`), one after another: the mean of
+    their best validation accuracies, the score a sweeper ranks the configuration by."""
     try:
-        typed = validated(cfg)
+        validated(cfg)
     except ValueError:
         return run(cfg, run_dir, overrides, sweep_dir)  # refused there, once, as any run is
-    keep = [o for o in overrides if override_key(o) not in ("seed", "replicates")]
-    bests = []
-    for seed in range(typed.seed, typed.seed + typed.replicates):
-        one = OmegaConf.merge(cfg, {"seed": seed, "replicates": 1})
-        bests.append(run(one, run_dir / f"seed={seed}", [*keep, f"seed={seed}", "replicates=1"], sweep_dir))
-    best = sum(bests) / len(bests)
-    if rank_zero_only.rank == 0 and not math.isnan(best):
-        log.info(
-            "mean best val accuracy over seeds %s: %s",
-            ", ".join(map(str, range(typed.seed, seed + 1))),
-            interval(bests),
+    runs = replicas(cfg, run_dir, overrides)
+    return mean_best([run(*r, sweep_dir) for r in runs])
+
+
+def plan_job(cfg: DictConfig, sweep_dir: Path) -> list[Job | float]:
+    """A packed sweep's job (`+launcher=packed`), planned but not trained: one entry per replicate, a Job to train
+    or the score of one that needs no training (finished before, or refused: NaN, recorded in its folder)."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    overrides = list(HydraConfig.get().overrides.task)
+    plans: list[Job | float] = []
+    for one, folder, args in replicas(cfg, run_dir, overrides):
+        try:
+            typed = validated(one)
+            if typed.trainer.get("strategy", "auto") != "auto" or typed.trainer.get("devices", 1) not in (1, "1"):
+                raise ValueError(
+                    f"+launcher=packed trains on one device; trainer.devices={typed.trainer.get('devices')} and "
+                    f"trainer.strategy={typed.trainer.get('strategy')} need the basic launcher"
+                )
+            plans.append(plan(one, folder, args, sweep_dir))
+        except Exception as err:
+            RunRecord(folder, args).fail(err, {})
+            plans.append(failed(err, folder, None, sweep_dir))
+    return plans
+
+
+@contextlib.contextmanager
+def member_logs(run_dirs: list[Path]):
+    """While a pack trains, what it logs goes to each member's train.log (and the console, as before)."""
+    root = logging.getLogger()
+    before = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    formatter = before[0].formatter if before else None
+    added = [logging.FileHandler(d / "train.log") for d in run_dirs]
+    for handler in before:
+        root.removeHandler(handler)
+    for handler in added:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in before:
+            root.addHandler(handler)
+
+
+def train_packs(plans: list[list[Job | float]], sweep_dir: Path, max_members: int, budget: float) -> list[float]:
+    """Train a packed sweep's planned runs: those that can share a model (fcexp.pack.pack_key) and, when resumed,
+    their step train together, at most `max_members` and `budget` bytes a pack. Each job's score, as `replicate`."""
+    scores: list[list[float | None]] = [[None if isinstance(r, Job) else r for r in runs] for runs in plans]
+    groups: dict[str, list[tuple[int, int, Job]]] = {}
+    for j, runs in enumerate(plans):
+        for k, job in enumerate(runs):
+            if isinstance(job, Job):
+                ckpt = resume_checkpoint(job.run_dir) if job.resume else None
+                key = pack_key(job.cfg) + f"step={checkpoint_step(ckpt) if ckpt else None}"
+                if job.cfg.activation.name == "prelu":
+                    key += str(job.run_dir)  # learned activations train alone
+                groups.setdefault(key, []).append((j, k, job))
+    for group in groups.values():
+        limit = min(max_members, max(1, int(budget // member_bytes(group[0][2].cfg))))
+        start = 0
+        for size in pack_sizes(len(group), limit):
+            pack, start = group[start : start + size], start + size
+            jobs = [job for _, _, job in pack]
+            log.info("training a pack of %d: %s", len(jobs), ", ".join(job.run_dir.name for job in jobs))
+            with member_logs([job.run_dir for job in jobs]):
+                results = _train_pack_or_each(jobs, sweep_dir)
+            for (j, k, job), result in zip(pack, results, strict=True):
+                if isinstance(result, BaseException):
+                    scores[j][k] = failed(result, job.run_dir, None, sweep_dir)
+                else:
+                    scores[j][k] = report(result, job.run_dir, sweep_dir)
+    return [mean_best(s) for s in scores]
+
+
+def _train_pack_or_each(jobs: list[Job], sweep_dir: Path) -> list[dict | BaseException]:
+    try:
+        return train_pack(jobs)
+    except KeyboardInterrupt:
+        interrupted([job.run_dir for job in jobs], sweep_dir)
+    except USER_ERRORS as err:
+        if len(jobs) == 1:
+            return [err]
+        # A value one member's constructor refused: the others train without it.
+        log.warning("the pack refused a value (%s); training its %d runs one by one", err, len(jobs))
+        return [result for job in jobs for result in _train_pack_or_each([job], sweep_dir)]
+    except Exception as err:
+        return [err] * len(jobs)
+
+
+def plan(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path | None) -> Job | float:
+    """What a run in `run_dir` is to do: start, resume (`resume=`, or a sweep job's rerun), or, for a sweep job that
+    completed before and `skip_finished`, nothing: then its best val accuracy. A completed run is never redone."""
+    previous = RunRecord.load(run_dir)
+    if cfg.resume:  # conf/__init__.py checked that it is a run folder
+        cfg, overrides = resumed_config(previous, overrides)
+        return Job(cfg, run_dir, overrides, resume=True)
+    if previous is not None and previous["status"] == "completed" and rank_zero_only.rank == 0:
+        if cfg.skip_finished:
+            log.info("skipping %s: finished before (skip_finished=true)", run_dir.name)
+            return previous["metrics"]["val/acc_best"]
+        fix = (
+            "rerun the sweep with skip_finished=true"
+            if sweep_dir
+            else f"continue it with {override('resume', run_dir)}"
         )
+        raise ValueError(f"{run_dir} holds a completed run; {fix}, or start in a new folder")
+    # A sweep rerun (skip_finished) continues its stopped jobs from their checkpoints.
+    return Job(cfg, run_dir, overrides, resume=previous is not None and bool(cfg.skip_finished))
+
+
+def interrupted(run_dirs: list[Path], sweep_dir: Path | None) -> None:
+    """Ctrl-C: every run keeps what its resume needs; say how to continue, and leave with the interrupt's status."""
+    if rank_zero_only.rank == 0:
+        if len(run_dirs) == 1:
+            print(
+                f"interrupted; continue this run with: {fcexp_command(override('resume', run_dirs[0]))}",
+                file=sys.stderr,
+            )
+        else:
+            print(f"interrupted; each of the pack's {len(run_dirs)} runs kept its checkpoint", file=sys.stderr)
+        if sweep_dir:
+            print(f"finish the sweep with: {finish_sweep_command(sweep_dir)}", file=sys.stderr)
+    sys.exit(130)
+
+
+def failed(err: Exception, run_dir: Path, previous: dict | None, sweep_dir: Path | None) -> float:
+    """A run that failed: in a sweep (`sweep_dir`) it is recorded and returned as NaN so that the other jobs go on;
+    otherwise one line for the user (a value to change, or a divergence) and an exit status."""
+    if sweep_dir:
+        # One bad job must not end a sweep: it is recorded as failed and the others go on.
+        log.error("job %s failed: %s", run_dir.name, err)
+        return math.nan
+    refused = isinstance(err, USER_ERRORS) and previous is None and _remove_if_refused(run_dir)
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(err, (*USER_ERRORS, FloatingPointError)):
+        raise err
+    if rank_zero_only.rank == 0:
+        # Its own line, even after a progress bar that did not end one.
+        print(f"\nerror: {err}" if sys.stderr.isatty() else f"error: {err}", file=sys.stderr)
+        if previous is None and not refused:  # what this run recorded before it failed
+            print(f"run folder: {run_dir}", file=sys.stderr)
+    sys.exit(2 if isinstance(err, USER_ERRORS) else 1)
+
+
+def report(result: dict, run_dir: Path, sweep_dir: Path | None) -> float:
+    """Tell the user how a run ended and where it is; its best val accuracy."""
+    # Under DDP every rank runs this; only rank 0 speaks.
+    say = log.info if rank_zero_only.rank == 0 else log.debug
+    best = result["metrics"]["val/acc_best"]
+    say("test accuracy %.4f, best val accuracy %.4f", result["metrics"]["test/acc"], best)
+    say("run folder: %s", run_dir)
+    if not sweep_dir:
+        say("view it: %s --logdir %s", shell_program("tensorboard"), shlex.quote(str(run_dir)))
     return best
 
 
@@ -265,53 +434,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path | 
     """One run in `run_dir` (a new one, a resume, or a sweep job's rerun), reported to the user; in a sweep
     (`sweep_dir`), a failure is recorded and returned as NaN so that the other jobs go on."""
     previous = RunRecord.load(run_dir)
-    # Under DDP every rank runs this; only rank 0 speaks.
-    say = log.info if rank_zero_only.rank == 0 else log.debug
     try:
-        if cfg.resume:  # conf/__init__.py checked that it is a run folder
-            cfg, overrides = resumed_config(previous, overrides)
-            resume = True
-        elif previous is not None and previous["status"] == "completed" and rank_zero_only.rank == 0:
-            if cfg.skip_finished:
-                say("skipping %s: finished before (skip_finished=true)", run_dir.name)
-                return previous["metrics"]["val/acc_best"]
-            fix = (
-                "rerun the sweep with skip_finished=true"
-                if sweep_dir
-                else f"continue it with {override('resume', run_dir)}"
-            )
-            raise ValueError(f"{run_dir} holds a completed run; {fix}, or start in a new folder")
-        else:
-            # A sweep rerun (skip_finished) continues its stopped jobs from their checkpoints.
-            resume = previous is not None and bool(cfg.skip_finished)
-        result = train(cfg, run_dir, overrides, resume=resume)
+        job = plan(cfg, run_dir, overrides, sweep_dir)
+        if not isinstance(job, Job):
+            return job
+        result = train(job.cfg, run_dir, job.overrides, resume=job.resume)
     except KeyboardInterrupt:
-        if rank_zero_only.rank == 0:
-            resume_command = fcexp_command(override("resume", run_dir))
-            print(f"interrupted; continue this run with: {resume_command}", file=sys.stderr)
-            if sweep_dir:
-                print(f"finish the sweep with: {finish_sweep_command(sweep_dir)}", file=sys.stderr)
-        sys.exit(130)
+        interrupted([run_dir], sweep_dir)
     except Exception as err:
-        if sweep_dir:
-            # One bad job must not end a sweep: it is recorded as failed and the others go on.
-            log.error("job %s failed: %s", run_dir.name, err)
-            return math.nan
-        refused = isinstance(err, USER_ERRORS) and previous is None and _remove_if_refused(run_dir)
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(err, (*USER_ERRORS, FloatingPointError)):
-            raise
-        if rank_zero_only.rank == 0:
-            # Its own line, even after a progress bar that did not end one.
-            print(f"\nerror: {err}" if sys.stderr.isatty() else f"error: {err}", file=sys.stderr)
-            if previous is None and not refused:  # what this run recorded before it failed
-                print(f"run folder: {run_dir}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, USER_ERRORS) else 1)
-    best = result["metrics"]["val/acc_best"]
-    say("test accuracy %.4f, best val accuracy %.4f", result["metrics"]["test/acc"], best)
-    say("run folder: %s", run_dir)
-    if not sweep_dir:
-        say("view it: %s --logdir %s", shell_program("tensorboard"), shlex.quote(str(run_dir)))
-    return best
+        return failed(err, run_dir, previous, sweep_dir)
+    return report(result, run_dir, sweep_dir)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://fcexp.conf", config_name="train")
