@@ -125,8 +125,9 @@ class CommonRecipe(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3, eps=1e-7)
 
 
-def common_recipe(steps: int, device: str, workers: int) -> Callable[[], float]:
-    """torchvision's MNIST with ToTensor + Normalize per sample, a torch DataLoader, a default Trainer."""
+def common_recipe(steps: int, device: str, workers: int, epochs: int = 1) -> Callable[[], float]:
+    """torchvision's MNIST with ToTensor + Normalize per sample, a torch DataLoader, a default Trainer; `steps` a
+    epoch."""
     dataset = MNIST(
         DATA_ROOT,
         train=True,
@@ -139,7 +140,7 @@ def common_recipe(steps: int, device: str, workers: int) -> Callable[[], float]:
             trainer = L.Trainer(
                 accelerator="gpu" if device == "cuda" else "cpu",
                 devices=1,
-                max_epochs=1,
+                max_epochs=epochs,
                 limit_train_batches=steps,
                 logger=TensorBoardLogger(tmp),
                 callbacks=[StepTimer()],
@@ -208,6 +209,37 @@ def arithmetic_bound(steps: int, device: str) -> Callable[[], float]:
     return run
 
 
+def member_step(members: int, steps: int, device: str, precision: str = "32-true") -> Callable[[], float]:
+    """Milliseconds per member-step of fcexp's model alone (forward, backward, Adam) in a pack of `members` copies
+    of the seed's net on one batch order, like a grid sweep's pack: a pack of one is a solo run's step."""
+    x, y = training_tensors(device)
+    cfg = compose_config()
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+    def run() -> float:
+        factory = instantiate(cfg.model, _partial_=True)
+        knobs = {k: factory.keywords[k] for k in ("activation", "dropout", "batch_norm", "l2", "init", "optimizer")}
+        model = factory(members=[knobs | {"label_smoothing": 0.0, "seed": s} for s in range(members)])
+        model = model.to(device).train()
+        optimizer = model.configure_optimizers()
+        perm = torch.randperm(len(x), device=device)
+        for i in range(steps):
+            if i == StepTimer.warmup:
+                sync(x.device)
+                start = time.perf_counter()
+            j = perm[i * BATCH : (i + 1) * BATCH]
+            with autocast:
+                logits = model.net(x[j])
+            loss = (model.losses(logits, y[j]) + model.net.l2_penalty(model.l2)).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        sync(x.device)
+        return (time.perf_counter() - start) / (steps - StepTimer.warmup) / members * 1e3
+
+    return run
+
+
 def step_flops() -> int:
     # Each product is 2·batch·in·out FLOP; the first layer has no input gradient.
     return 2 * BATCH * (3 * sum(i * o for i, o in pairwise(WIDTHS)) - WIDTHS[0] * WIDTHS[1])
@@ -246,22 +278,33 @@ def timed(command: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def sweep_costs(jobs: int) -> dict[str, float]:
-    """Wall time of `jobs` one-epoch trainings: one fcexp sweep (in-process launcher, then joblib with 2 jobs)
-    against as many separate processes of the common recipe, each paying its own imports."""
-    with tempfile.TemporaryDirectory() as tmp:
-        sweep = [sys.executable, "-m", "fcexp.train", "-m", f"seed=range(0,{jobs})", "trainer.max_epochs=1"]
-        sequential = timed([*sweep, f"runs_dir={tmp}/a", "callbacks.progress.refresh_rate=0"])
-        parallel = timed([*sweep, f"runs_dir={tmp}/b", "callbacks.progress.refresh_rate=0", "+launcher=parallel"])
-    processes = sum(timed([sys.executable, __file__, "--common-epoch"]) for _ in range(jobs))
-    return {
-        "jobs": jobs,
-        "fcexp_sweep_s": round(sequential, 1),
-        "fcexp_sweep_joblib_s": round(parallel, 1),
-        "common_recipe_processes_s": round(processes, 1),
-        "processes/fcexp_sweep": round(processes / sequential, 2),
-        "joblib/sequential": round(parallel / sequential, 2),
+def sweep_costs(jobs: int, grid: bool, epochs: int, common: bool) -> dict[str, float]:
+    """Wall time of one sweep run four ways: one job after another in one process, joblib's 2 workers, packed in
+    fp32 and packed in bf16; with `common`, also as many separate processes of the common recipe, each paying its
+    own imports. The sweep is the 48-job `+sweep=grid` with `grid`, else `jobs` seeds of the seed's net."""
+    what = ["+sweep=grid"] if grid else [f"seed=range(0,{jobs})"]
+    sweep = [sys.executable, "-m", "fcexp.train", "-m", *what, f"trainer.max_epochs={epochs}"]
+    quiet = ["callbacks.progress.refresh_rate=0", "trainer.enable_model_summary=false"]
+    ways = {
+        "sequential": [],
+        "parallel": ["+launcher=parallel"],
+        "packed": ["+launcher=packed"],
+        "packed_bf16": ["+launcher=packed", "trainer.precision=bf16-mixed"],
     }
+    costs: dict[str, float] = {"jobs": 48 if grid else jobs, "epochs": epochs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in ways.items():
+            costs[f"{name}_s"] = round(timed([*sweep, f"runs_dir={tmp}/{name}", *quiet, *extra]), 1)
+            accuracy = [json.loads(p.read_text())["metrics"]["test/acc"] for p in Path(tmp, name).rglob("metrics.json")]
+            costs[f"{name}_mean_test_acc"] = round(statistics.fmean(accuracy), 4)
+            print(f"sweep {name}: {costs[f'{name}_s']} s, mean test accuracy {costs[f'{name}_mean_test_acc']}")
+    if common and not grid:
+        process = [sys.executable, __file__, f"--common-epochs={epochs}"]
+        costs["common_recipe_processes_s"] = round(sum(timed(process) for _ in range(jobs)), 1)
+    for name in ("parallel", "packed", "packed_bf16", "common_recipe_processes"):
+        if f"{name}_s" in costs:
+            costs[f"sequential/{name}"] = round(costs["sequential_s"] / costs[f"{name}_s"], 2)
+    return costs
 
 
 def machine() -> str:
@@ -282,13 +325,21 @@ def main() -> None:
         type=int,
         default=0,
         metavar="N",
-        help="also time N one-epoch jobs as one sweep "
-        "(sequential and joblib) against N separate common-recipe processes (N=16: ~6 min here)",
+        help="also time a sweep of N seeds of the seed's net: sequential, joblib, packed (fp32, bf16) and N separate "
+        "common-recipe processes (N=16 at 1 epoch: ~10 min here)",
     )
-    parser.add_argument("--common-epoch", action="store_true", help=argparse.SUPPRESS)  # one process of --sweep
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="also time the 48-job +sweep=grid the same ways but the common recipe (4 epochs: ~45 min here)",
+    )
+    parser.add_argument("--sweep-epochs", type=int, default=None, help="epochs per sweep job (default 1, --grid 4)")
+    parser.add_argument("--members", type=int, default=None, help="pack size of the member-step figure (default 16)")
+    parser.add_argument("--common-epochs", type=int, default=0, help=argparse.SUPPRESS)  # one process of --sweep
     args = parser.parse_args()
-    if args.common_epoch:
-        common_recipe(math.ceil(50_000 / BATCH), "cuda" if torch.cuda.is_available() else "cpu", 0)()  # fcexp's epoch
+    if args.common_epochs:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        common_recipe(math.ceil(50_000 / BATCH), device, 0, args.common_epochs)()  # fcexp's epochs
         return
     reps = args.reps or (1 if args.quick else 3)
     steps = args.steps or (8 if args.quick else 300)
@@ -327,6 +378,18 @@ def main() -> None:
                 samples[name].append(run())
             print(f"rep {rep + 1}/{reps} {name:28s} {samples[name][-1]:9,.0f} samples/s", flush=True)
 
+    # The step of one member of a pack beside a solo run's step, in fp32 and bf16, taking turns likewise.
+    members = args.members or (2 if args.quick else 16)
+    packs = {
+        f"{size} x {precision}": (size, precision) for precision in ("32-true", "bf16-mixed") for size in (1, members)
+    }
+    step_ms: dict[str, list[float]] = {name: [] for name in packs}
+    for rep in range(reps):
+        for name, (size, precision) in packs.items():
+            step_ms[name].append(member_step(size, min(total, 8 if args.quick else 70), device, precision)())
+            print(f"rep {rep + 1}/{reps} member-step, pack of {name:18s} {step_ms[name][-1]:6.2f} ms", flush=True)
+    member_ms = {name: statistics.median(v) for name, v in step_ms.items()}
+
     median = {name: statistics.median(v) for name, v in samples.items()}
     common = max(median["common recipe, 0 workers"], median["common recipe, 2 workers"])
     result = {
@@ -346,13 +409,19 @@ def main() -> None:
             "fcexp/common": round(median["fcexp"] / common, 2),
             "fcexp/hand-written": round(median["fcexp"] / median["hand-written loop"], 2),
             "fcexp/arithmetic": round(median["fcexp"] / median["arithmetic bound"], 2),
+            # A member's step over a solo step (lower is better); the issue's target is at most 0.8.
+            "member/solo step, fp32": round(member_ms[f"{members} x 32-true"] / member_ms["1 x 32-true"], 2),
+            "member/solo step, bf16": round(member_ms[f"{members} x bf16-mixed"] / member_ms["1 x 32-true"], 2),
         },
+        "member_step_ms": {name: round(v, 3) for name, v in member_ms.items()},
         "arithmetic_gflops": round(median["arithmetic bound"] / BATCH * step_flops() / 1e9, 1),
         "process": process,
         "bench_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
     if args.sweep:
-        result["sweep"] = sweep_costs(args.sweep)
+        result["sweep"] = sweep_costs(args.sweep, False, args.sweep_epochs or 1, common=True)
+    if args.grid:
+        result["grid"] = sweep_costs(48, True, args.sweep_epochs or 4, common=False)
 
     print(
         f"\n{result['machine']}, {result['date']}, median of {reps} x {steps} steps, batch {BATCH}, "

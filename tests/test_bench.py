@@ -26,7 +26,7 @@ def test_quick_bench_writes_all_methods(tmp_path, mnist_root):
     result = json.loads(out.read_text())
     assert set(result["samples_per_s"]) >= METHODS
     assert all(v > 0 for v in result["samples_per_s"].values())
-    assert set(result["ratios"]) == {"fcexp/common", "fcexp/hand-written", "fcexp/arithmetic"}
+    assert set(result["ratios"]) >= {"fcexp/common", "fcexp/hand-written", "fcexp/arithmetic", "member/solo step, fp32"}
     assert result["process"]["wall_s"] > 0 and result["process"]["peak_rss_mb"] > 0
     assert 0.0 < result["process"]["test_acc"] <= 1.0
     assert "fcexp/common" in proc.stdout

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from fcexp.module import class_indices
-from fcexp.net import ACTIVATION_TYPES, linear_layers
+from fcexp.net import ACTIVATION_TYPES, PackedMLP, linear_layers
 
 log = logging.getLogger("fcexp")
 # Evenly spaced histogram bins: TensorBoard's default (~1,500 exponential edges) takes 10x longer on a 784x512 weight.
@@ -28,6 +28,13 @@ BINS = 64
 def layer_tag(i: int) -> str:
     # Zero-padded so TensorBoard sorts layer10 after layer09, not after layer1.
     return f"layer{i + 1:02d}"
+
+
+def measured_net(pl_module: L.LightningModule) -> nn.Module:
+    """The net a diagnostic measures: a pack's member as fcexp.pack.MemberModule shows it to its callbacks, or a
+    pack of one's only member when the module trains in a plain Trainer."""
+    net = pl_module.net
+    return net.member(0) if isinstance(net, PackedMLP) else net
 
 
 def log_scalars(trainer: L.Trainer, metrics: dict[str, float]) -> None:
@@ -164,7 +171,7 @@ class GradientNorms(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         if trainer.global_step % (self.every_n_steps or trainer.log_every_n_steps):
             return
-        grads = [layer.weight.grad for layer in linear_layers(pl_module.net)]
+        grads = [layer.weight.grad for layer in linear_layers(measured_net(pl_module))]
         if any(g is None for g in grads):
             return  # e.g. a frozen layer: no profile to report
         norms = torch.stack([g.norm() for g in grads]).tolist()  # one device sync, not one per layer
@@ -189,7 +196,7 @@ class UnitHealth(L.Callback):
         if self.batch is None:
             self.batch = held_out_images(trainer, self.held_out)
         metrics = {}
-        for i, (act, pre, post) in enumerate(record_activations(pl_module.net, self.batch)):
+        for i, (act, pre, post) in enumerate(record_activations(measured_net(pl_module), self.batch)):
             for name, value in unit_stats(act, pre, post, self.saturation).items():
                 metrics[f"units/{name}/{layer_tag(i)}"] = value
         log_scalars(trainer, metrics)
@@ -219,9 +226,9 @@ class Histograms(L.Callback):
         if self.batch is None:
             self.batch = held_out_images(trainer, self.held_out)
         writer, step = tb.experiment, trainer.global_step
-        for i, layer in enumerate(linear_layers(pl_module.net)):
+        for i, layer in enumerate(linear_layers(measured_net(pl_module))):
             writer.add_histogram(f"weights/{layer_tag(i)}", layer.weight.detach(), step, bins=BINS)
-        for i, (_, pre, post) in enumerate(record_activations(pl_module.net, self.batch)):
+        for i, (_, pre, post) in enumerate(record_activations(measured_net(pl_module), self.batch)):
             writer.add_histogram(f"preactivations/{layer_tag(i)}", pre, step, bins=BINS)
             writer.add_histogram(f"activations/{layer_tag(i)}", post, step, bins=BINS)
 

@@ -139,6 +139,8 @@ class Classifier(L.LightningModule):
                 for name in ("loss", "acc")
             }
         )
+        for name in ("train_loss", "train_acc"):  # in checkpoints: a run resumed mid-epoch keeps the epoch's sums
+            self.metrics[name].persistent(True)
         # In checkpoints: a resumed run remembers its best epoch so far.
         self.register_buffer("best_val_acc", torch.zeros(self.members))
         # Training on: a member whose loss stopped being finite is taken out of the pack (fcexp.train records it).
@@ -179,6 +181,9 @@ class Classifier(L.LightningModule):
             ~torch.isfinite(losses) & (self.diverged_at < 0), self.global_step, self.diverged_at
         )
         examples = x.shape[-2]
+        if batch_idx == 0:  # an epoch's first batch; a run resumed mid-epoch continues its sums
+            for name in ("train_loss", "train_acc"):
+                self.metrics[name].reset()
         self.metrics["train_loss"].update(losses, examples)
         self.metrics["train_acc"].update(self.accuracies(logits.detach(), y), examples)
         # Step curves go straight to each member's logger every log_every_n_steps: self.log on every step costs
@@ -212,15 +217,18 @@ class Classifier(L.LightningModule):
 
     def log_members(self, metrics: Mapping[str, torch.Tensor], step: int | None = None) -> None:
         """Per-member values (members,) to each living member's own logger, at `step` (default: the global step)."""
-        if not self.member_loggers:
+        # A pack of one in a plain Trainer (no fcexp.train around it) logs to the trainer's loggers.
+        loggers = [[lg] for lg in self.member_loggers] or ([self.loggers] if self.members == 1 else [])
+        if not loggers:
             return
         values = torch.stack([v.float() for v in metrics.values()]).tolist()  # one wait for the device
-        for i, logger in enumerate(self.member_loggers):
+        for i, member_loggers in enumerate(loggers):
             if self.alive[i]:
-                logger.log_metrics(
-                    {k: v[i] for k, v in zip(metrics, values, strict=True)},
-                    step=self.global_step if step is None else step,
-                )
+                for logger in member_loggers:
+                    logger.log_metrics(
+                        {k: v[i] for k, v in zip(metrics, values, strict=True)},
+                        step=self.global_step if step is None else step,
+                    )
 
     def end_epoch(self, stage: str) -> None:
         """An epoch's per-member means: to each member's metrics and logger; their mean over the living members to
@@ -236,7 +244,10 @@ class Classifier(L.LightningModule):
             values["val/acc_best"] = self.best_val_acc.clone()
         for i, metrics in enumerate(self.member_metrics):
             metrics.update({k: v[i] for k, v in values.items()})
-        self.log_members(values | {"epoch": torch.full((self.members,), float(self.current_epoch))})
+        # At the epoch's last step, as Lightning logs epoch metrics: the next epoch's first step is a checkpoint's
+        # step, from which a resumed run logs anew.
+        epoch = torch.full((self.members,), float(self.current_epoch))
+        self.log_members(values | {"epoch": epoch}, step=max(0, self.global_step - 1))
         # Every rank holds the same synced values; sync_dist only silences Lightning's DDP warning.
         alive = self.alive if self.alive.any() else torch.ones_like(self.alive)
         self.log_dict({k: v[alive].mean() for k, v in values.items()}, prog_bar=stage == "val", sync_dist=True)
@@ -283,6 +294,12 @@ class Classifier(L.LightningModule):
             for views, (a, _) in zip(self.views, self.ranges, strict=True)
         ]
         return self.factories[0](groups)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad()
+        if len(self.ranges) > 1:  # the pack's own tensors are not the optimizer's: their gradients go here
+            for p in self.parameters():
+                p.grad = None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if len(self.ranges) > 1:  # the views take this step's gradients of their members

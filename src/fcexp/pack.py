@@ -211,7 +211,10 @@ def merged_checkpoint(checkpoints: Sequence[dict[str, Any]], module: Classifier)
         raise ValueError(f"the members' checkpoints are at different steps {sorted(steps)}; they cannot resume as one")
     first = checkpoints[0]
     merged = dict(first)
-    merged["state_dict"] = {k: torch.cat([c["state_dict"][k] for c in checkpoints]) for k in first["state_dict"]}
+    merged["state_dict"] = {
+        k: torch.cat([c["state_dict"][k] for c in checkpoints]) if v.dim() else v  # counts are the pack's
+        for k, v in first["state_dict"].items()
+    }
     if all("optimizer_states" in c for c in checkpoints):
         optimizers = [c["optimizer_states"][0] for c in checkpoints]
         state, groups = {}, []

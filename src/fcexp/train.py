@@ -131,7 +131,6 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
         member.record.fail(error, model.member_metrics[i])
         if member.logger is not None:
             member.logger.finalize("failed")
-        log.error("%s failed: %s", member.run_dir.name if len(members) > 1 else "run", error)
 
     try:
         cfgs = [validated(job.cfg) for job in jobs]
@@ -303,6 +302,8 @@ def member_logs(run_dirs: list[Path]):
     root = logging.getLogger()
     before = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
     formatter = before[0].formatter if before else None
+    for d in run_dirs:
+        d.mkdir(parents=True, exist_ok=True)  # a replicate's folder is made when it starts
     added = [logging.FileHandler(d / "train.log") for d in run_dirs]
     for handler in before:
         root.removeHandler(handler)
@@ -338,14 +339,16 @@ def train_packs(plans: list[list[Job | float]], sweep_dir: Path, max_members: in
         for size in pack_sizes(len(group), limit):
             pack, start = group[start : start + size], start + size
             jobs = [job for _, _, job in pack]
-            log.info("training a pack of %d: %s", len(jobs), ", ".join(job.run_dir.name for job in jobs))
+            # What the pack logs goes to every member's train.log, what each member ends with to its own.
             with member_logs([job.run_dir for job in jobs]):
+                log.info("training a pack of %d: %s", len(jobs), ", ".join(job.run_dir.name for job in jobs))
                 results = _train_pack_or_each(jobs, sweep_dir)
             for (j, k, job), result in zip(pack, results, strict=True):
-                if isinstance(result, BaseException):
-                    scores[j][k] = failed(result, job.run_dir, None, sweep_dir)
-                else:
-                    scores[j][k] = report(result, job.run_dir, sweep_dir)
+                with member_logs([job.run_dir]):
+                    if isinstance(result, BaseException):
+                        scores[j][k] = failed(result, job.run_dir, None, sweep_dir)
+                    else:
+                        scores[j][k] = report(result, job.run_dir, sweep_dir)
     return [mean_best(s) for s in scores]
 
 

@@ -1,0 +1,256 @@
+"""Packed sweeps (`+launcher=packed`): each member is the run it would be alone, isolated from the others, resumable,
+with every artifact a solo run has."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from conftest import run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+from test_faults import CLI_ENV, wait_for
+
+from fcexp.pack import pack_sizes
+from fcexp.record import checkpoint_step
+from fcexp.stats import interval
+from fcexp.train import Job, compose_config, train, train_pack
+
+PACKED = ["-m", "+launcher=packed", "callbacks.progress.refresh_rate=0", "trainer.enable_model_summary=false"]
+# The seed's net (BatchNorm on layer 2, L2), 50 steps an epoch, the step loss logged at every step.
+EXACT = ["data.limit_train=6400", "trainer.max_epochs=2", "model.dropout=0", "trainer.log_every_n_steps=1"]
+
+
+def records(sweep: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+
+
+def member_dir(sweep: Path, **hparams) -> Path:
+    """The job folder of the sweep whose recorded hyperparameters include `hparams`."""
+    (found,) = [
+        p.parent
+        for p in sweep.glob("*/metrics.json")
+        if hparams.items() <= json.loads(p.read_text())["hparams"].items()
+    ]
+    return found
+
+
+def only_sweep(cwd: Path) -> Path:
+    (sweep,) = (cwd / "runs" / "sweeps").iterdir()
+    return sweep
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="module")
+def packed_sweep(mnist_root, tmp_path_factory) -> tuple[Path, str]:
+    """Four members in one pack: two activations, two seeds (so two batch orders), no dropout."""
+    cwd = tmp_path_factory.mktemp("packed")
+    proc = run_cli("fcexp.train", *PACKED, *EXACT, "activation=relu,tanh", "seed=0,1", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training a pack of 4" in proc.stdout
+    return only_sweep(cwd), proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("activation", "seed"), [("tanh", 0), ("relu", 1)])
+def test_a_member_trains_as_it_would_alone(packed_sweep, tmp_path, activation, seed):
+    sweep, _ = packed_sweep
+    overrides = [*EXACT, f"activation={activation}", f"seed={seed}", "callbacks.progress.refresh_rate=0"]
+    alone = train(compose_config(*overrides), tmp_path, overrides)
+    member = member_dir(sweep, activation=activation, seed=seed)
+    packed, solo = events(member), events(tmp_path)
+    losses = [[e.value for e in ev.Scalars("train/loss_step")][:50] for ev in (packed, solo)]
+    assert len(losses[0]) == 50
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    record = json.loads((member / "metrics.json").read_text())
+    for mine, theirs in zip(record["history"], alone["history"], strict=True):
+        assert abs(mine["val/acc"] - theirs["val/acc"]) <= 0.001
+
+
+@pytest.mark.slow
+def test_each_member_is_a_run_with_everything_a_solo_run_has(packed_sweep):
+    sweep, stdout = packed_sweep
+    folders = sorted(p.parent for p in sweep.glob("*/metrics.json"))
+    assert len(folders) == 4
+    for folder in folders:
+        record = json.loads((folder / "metrics.json").read_text())
+        assert record["status"] == "completed" and record["provenance"]["git"] is not None
+        assert (folder / ".hydra" / "config.yaml").is_file() and (folder / "train.log").stat().st_size > 0
+        assert {p.name for p in (folder / "figures").iterdir()} >= {"confusion_matrix.png", "train_digits.png"}
+        ev = events(folder)
+        tags = ev.Tags()
+        assert {"grad_norm/layer01", "units/dead/layer01", "val/acc", "hp_metric"} <= set(tags["scalars"])
+        assert "weights/layer01" in tags["histograms"]
+        content = ev.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+        assert hparams["activation"].string_value == record["hparams"]["activation"]
+        assert hparams["seed"].number_value == record["hparams"]["seed"]
+    # The diagnostics are each member's own: the two activations' nets differ, and so do their gradients.
+    grads = {f.name: events(f).Scalars("grad_norm/layer01")[-1].value for f in folders}
+    assert len(set(grads.values())) == 4
+    # A member's checkpoint is a solo run's: fcexp.evaluate reproduces its test accuracy.
+    record = json.loads((folders[0] / "metrics.json").read_text())
+    proc = run_cli("fcexp.evaluate", f"ckpt_path='{folders[0] / 'checkpoints' / 'last.ckpt'}'", cwd=sweep)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"test accuracy {record['metrics']['test/acc']:.4f}" in proc.stdout
+    assert "4 jobs" in stdout and (sweep / "compare.md").is_file()  # the sweep compared itself
+
+
+SMALL = ["data.limit_train=5000", "trainer.max_epochs=1", "model.hidden=[128]", "model.batch_norm=false", "model.l2=0"]
+
+
+@pytest.mark.slow
+def test_with_dropout_packed_and_solo_replicates_agree(mnist_root, tmp_path):
+    """Members draw other dropout masks than solo runs: their means over seeds agree within their intervals."""
+    args = [*SMALL, "model.dropout=0.5", "replicates=5"]
+    (tmp_path / "packed").mkdir()
+    packed = run_cli("fcexp.train", *PACKED, *args, cwd=tmp_path / "packed")
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    assert "training a pack of 5" in packed.stdout
+    solo = run_cli("fcexp.train", *PACKED[2:], *args, cwd=tmp_path)  # one run of 5 replicates, one after another
+    assert solo.returncode == 0, solo.stderr[-3000:]
+    found = [tmp_path.glob("packed/runs/sweeps/*/*/seed=*/metrics.json"), tmp_path.glob("runs/*/seed=*/metrics.json")]
+    means = [interval([json.loads(p.read_text())["metrics"]["val/acc_best"] for p in paths]) for paths in found]
+    assert [m.n for m in means] == [5, 5]
+    packed_mean, solo_mean = means
+    assert packed_mean.low <= solo_mean.high and solo_mean.low <= packed_mean.high, means
+
+
+@pytest.mark.slow
+def test_a_diverging_member_fails_alone(mnist_root, tmp_path):
+    """Members may differ in learning rate; the one that diverges is stopped and recorded, the other is unchanged."""
+    args = ["data.limit_train=5000", "trainer.max_epochs=1", "model.dropout=0", "optimizer=sgd", "callbacks=plain"]
+    proc = run_cli(
+        "fcexp.train", *PACKED, *args, "trainer.log_every_n_steps=5", "optimizer.lr=0.05,10000", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training a pack of 2" in proc.stdout
+    by_lr = {r["hparams"]["optimizer.lr"]: r for r in records(only_sweep(tmp_path)).values()}
+    assert by_lr[10000]["status"] == "failed" and "loss is nan" in by_lr[10000]["error"]
+    assert by_lr[0.05]["status"] == "completed"
+    alone = run_cli(
+        "fcexp.train",
+        *PACKED,
+        *args,
+        "trainer.log_every_n_steps=5",
+        "optimizer.lr=0.05",
+        "runs_dir=alone",
+        cwd=tmp_path,
+    )
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    ((reference),) = records(next((tmp_path / "alone" / "sweeps").iterdir())).values()
+    for key in ("val/acc", "val/loss", "test/acc", "train/loss"):
+        assert by_lr[0.05]["metrics"][key] == pytest.approx(reference["metrics"][key], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_every_member_resumable_and_the_rerun_finishes_the_sweep(mnist_root, tmp_path):
+    """Two packs (two widths); Ctrl-C in the second. The rerun skips the first pack's members and continues the
+    second's from their checkpoints, ending where an uninterrupted sweep ends."""
+    args = ["data.limit_train=25600", "trainer.max_epochs=3", "model.hidden=[64],[96]", "seed=0,1", *SMALL[3:]]
+    reference = run_cli("fcexp.train", *PACKED, *args, "runs_dir=reference", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcexp.train", *PACKED, *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CLI_ENV,
+    )
+    wait_for(tmp_path / "runs" / "sweeps", proc)
+    sweep = only_sweep(tmp_path)
+    job = "data.limit_train=25600,model.batch_norm=False,model.hidden=[96],model.l2=0,seed={},"
+    second = [sweep / (job.format(s) + "trainer.enable_model_summary=False,trainer.max_epochs=3") for s in (0, 1)]
+    wait_for(second[1] / "checkpoints" / "last.ckpt", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "each of the pack's 2 runs kept its checkpoint" in err
+    for folder in second:
+        assert json.loads((folder / "metrics.json").read_text())["status"] == "interrupted"
+        assert (folder / "checkpoints" / "interrupted.ckpt").is_file()
+    (finish,) = [line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("finish the sweep with: ")]
+    done = subprocess.run(finish, shell=True, cwd=tmp_path, capture_output=True, text=True, env=CLI_ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("finished before (skip_finished=true)") == 2  # the first pack is not trained again
+    resumed, expected = records(sweep), records(next((tmp_path / "reference" / "sweeps").iterdir()))
+    for folder in second:
+        record = resumed[folder.name]
+        step = checkpoint_step(folder / "checkpoints" / "last.ckpt")
+        assert 0 < record["resumes"][0]["from_step"] < step  # continued, not restarted
+    for name, record in resumed.items():
+        # Where in a step the signal lands decides the dropout masks of that step: close, not equal (the next test).
+        assert record["status"] == "completed"
+        assert abs(record["metrics"]["test/acc"] - expected[name]["metrics"]["test/acc"]) < 0.02, name
+
+
+class StopMidEpoch(L.Callback):
+    """Ctrl-C between two steps of the second epoch."""
+
+    fired = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == 1 and batch_idx == 7 and not StopMidEpoch.fired:
+            StopMidEpoch.fired = True
+            raise KeyboardInterrupt
+
+
+def test_a_pack_interrupted_mid_epoch_ends_as_an_uninterrupted_one(mnist_root, tmp_path):
+    """Two members with their own seeds (so their own batch orders) and dropout: the resumed pack continues each
+    member's epoch, optimizer, dropout draws and epoch sums exactly."""
+    base = [*SMALL, "data.limit_train=2560", "trainer.max_epochs=3", "callbacks=plain"]
+    stop = [*base, f"+callbacks.stop._target_={__name__}.StopMidEpoch"]
+
+    def jobs(folder: str, overrides: list[str], resume: bool = False) -> list[Job]:
+        return [
+            Job(compose_config(*overrides, f"seed={s}"), tmp_path / folder / str(s), [*overrides, f"seed={s}"], resume)
+            for s in (0, 1)
+        ]
+
+    with pytest.raises(KeyboardInterrupt):
+        train_pack(jobs("stopped", stop))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores a second Ctrl-C after the first
+    resumed = train_pack(jobs("stopped", stop, resume=True))
+    whole = train_pack(jobs("whole", base))
+    for mine, theirs in zip(resumed, whole, strict=True):
+        assert mine["resumes"][0]["from_step"] == 20 + 7
+        assert mine["metrics"] == theirs["metrics"]
+        assert [h["train/loss"] for h in mine["history"]] == [h["train/loss"] for h in theirs["history"]]
+
+
+def test_bf16_mixed_trains_on_cpu(mnist_root, tmp_path):
+    overrides = [*SMALL, "trainer.precision=bf16-mixed", "callbacks=plain", "callbacks.progress.refresh_rate=0"]
+    result = train(compose_config(*overrides), tmp_path, overrides)
+    assert result["metrics"]["val/acc"] > 0.85
+
+
+def test_packs_split_evenly():
+    assert pack_sizes(48, 32) == [24, 24]
+    assert pack_sizes(5, 32) == [5]
+    assert pack_sizes(7, 3) == [3, 2, 2]
+    assert sum(pack_sizes(240, 16)) == 240
+
+
+def test_members_that_cannot_share_a_model_train_in_separate_packs(mnist_root, tmp_path):
+    args = [*SMALL, "data.limit_train=1000", "callbacks=plain", "model.hidden=[32],[48]", "activation=relu,tanh,prelu"]
+    proc = run_cli("fcexp.train", *PACKED, *args, "optimizer=adam,sgd", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Widths and optimizer types split the 12 jobs four ways; a learned activation (prelu) trains alone.
+    sizes = [
+        int(line.split("training a pack of ")[1].split(":")[0])
+        for line in proc.stdout.splitlines()
+        if "training a pack of " in line
+    ]
+    assert sorted(sizes) == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert [r["status"] for r in records(only_sweep(tmp_path)).values()] == ["completed"] * 12
