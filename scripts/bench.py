@@ -367,8 +367,8 @@ def main() -> None:
         "hand-written loop": hand_loop(total, device),
         "arithmetic bound": arithmetic_bound(steps, device),
     }
+    methods["fcexp, bf16 autocast"] = fcexp_path(total, device, ("trainer.precision=bf16-mixed",))
     if device == "cuda":
-        methods["fcexp, bf16 autocast"] = fcexp_path(total, device, ("trainer.precision=bf16-mixed",))
         methods["fcexp, torch.compile"] = fcexp_path(total, device, ("model.compile=true",))
     samples: dict[str, list[float]] = {name: [] for name in methods}
     for rep in range(reps):

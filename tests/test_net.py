@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fcexp.net import ACTIVATIONS, PackedMLP, build_mlp, coin_dropout, linear_layers, make_activation
+from fcexp.net import ACTIVATIONS, PackedMLP, build_mlp, coin_dropout, linear_layers, make_activation, rand_dropout
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
@@ -60,9 +60,10 @@ def test_l2_is_keras_sum_of_squares_on_chosen_kernels_only():
     assert penalty.tolist() == pytest.approx([0.001 * (1 + 4 + 9 + 16), 0.5 * (6 + 30)])
 
 
-def test_dropout_keeps_the_expected_value_per_member():
+@pytest.mark.parametrize("dropout", [coin_dropout, rand_dropout])  # the CPU's coins, and other devices' (tested here)
+def test_dropout_keeps_the_expected_value_per_member(dropout):
     x = torch.ones(2, 200, 1000)
-    out = coin_dropout(x, torch.tensor([0.25, 0.0]).view(2, 1, 1))
+    out = dropout(x, torch.tensor([0.25, 0.0]).view(2, 1, 1))
     assert (out[0] == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
     assert out[0].mean().item() == pytest.approx(1.0, abs=0.02)
     assert torch.equal(out[1], x[1])  # a member without dropout is untouched

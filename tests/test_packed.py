@@ -112,7 +112,7 @@ SMALL = ["data.limit_train=5000", "trainer.max_epochs=1", "model.hidden=[128]", 
 @pytest.mark.slow
 def test_with_dropout_packed_and_solo_replicates_agree(mnist_root, tmp_path):
     """Members draw other dropout masks than solo runs: their means over seeds agree within their intervals."""
-    args = [*SMALL, "model.dropout=0.5", "replicates=5"]
+    args = [*SMALL, "data.limit_train=2560", "model.dropout=0.5", "replicates=5", "callbacks=plain"]
     (tmp_path / "packed").mkdir()
     packed = run_cli("fcexp.train", *PACKED, *args, cwd=tmp_path / "packed")
     assert packed.returncode == 0, packed.stderr[-3000:]
@@ -158,8 +158,6 @@ def test_ctrl_c_leaves_every_member_resumable_and_the_rerun_finishes_the_sweep(m
     """Two packs (two widths); Ctrl-C in the second. The rerun skips the first pack's members and continues the
     second's from their checkpoints, ending where an uninterrupted sweep ends."""
     args = ["data.limit_train=25600", "trainer.max_epochs=3", "model.hidden=[64],[96]", "seed=0,1", *SMALL[3:]]
-    reference = run_cli("fcexp.train", *PACKED, *args, "runs_dir=reference", cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
     proc = subprocess.Popen(
         [sys.executable, "-m", "fcexp.train", *PACKED, *args],
         cwd=tmp_path,
@@ -184,15 +182,12 @@ def test_ctrl_c_leaves_every_member_resumable_and_the_rerun_finishes_the_sweep(m
     done = subprocess.run(finish, shell=True, cwd=tmp_path, capture_output=True, text=True, env=CLI_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("finished before (skip_finished=true)") == 2  # the first pack is not trained again
-    resumed, expected = records(sweep), records(next((tmp_path / "reference" / "sweeps").iterdir()))
+    resumed = records(sweep)
+    assert [r["status"] for r in resumed.values()] == ["completed"] * 4
     for folder in second:
-        record = resumed[folder.name]
+        # Continued, not restarted (that it ends as an uninterrupted pack does is the next test's).
         step = checkpoint_step(folder / "checkpoints" / "last.ckpt")
-        assert 0 < record["resumes"][0]["from_step"] < step  # continued, not restarted
-    for name, record in resumed.items():
-        # Where in a step the signal lands decides the dropout masks of that step: close, not equal (the next test).
-        assert record["status"] == "completed"
-        assert abs(record["metrics"]["test/acc"] - expected[name]["metrics"]["test/acc"]) < 0.02, name
+        assert 0 < resumed[folder.name]["resumes"][0]["from_step"] < step
 
 
 class StopMidEpoch(L.Callback):
@@ -230,7 +225,7 @@ def test_a_pack_interrupted_mid_epoch_ends_as_an_uninterrupted_one(mnist_root, t
 
 
 def test_bf16_mixed_trains_on_cpu(mnist_root, tmp_path):
-    overrides = [*SMALL, "trainer.precision=bf16-mixed", "callbacks=plain", "callbacks.progress.refresh_rate=0"]
+    overrides = ["data.limit_train=5000", "trainer.max_epochs=1", "trainer.precision=bf16-mixed", "callbacks=plain"]
     result = train(compose_config(*overrides), tmp_path, overrides)
     assert result["metrics"]["val/acc"] > 0.85
 

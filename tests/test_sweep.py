@@ -56,10 +56,10 @@ def test_every_preset_composes(preset):
     with initialize_config_module("fcexp.conf", version_base="1.3"):
         cfg = compose("train", overrides=[preset], return_hydra_config=True)
     group, name = preset[1:].split("=")
-    if group == "launcher" and name != "packed":
+    if group == "launcher":
         # A launcher preset says how many cores a job gets (slurm's resolves only inside a job); a packed sweep
         # trains in this one process, on every core.
-        assert OmegaConf.to_container(cfg)["threads"] is not None
+        assert (OmegaConf.to_container(cfg)["threads"] is None) == (name == "packed")
     else:
         assert cfg.hydra.sweeper.params
     if group != "sweep":

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Adding an activation is one line here; everything else asks `make_activation`.
@@ -154,20 +155,27 @@ def linear_layers(net: nn.Module) -> list[nn.Linear]:
     return [m for m in net.modules() if isinstance(m, nn.Linear)]
 
 
-def coin_dropout(h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Dropout with one rate per member: `p` has shape (members, 1, 1) and broadcasts over `h` (members, batch, units).
+def coin_dropout(h: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """Dropout at rate `p`: a number, or one rate per member of shape (members, 1, 1) that broadcasts over `h`
+    (members, batch, units).
 
     On the CPU each unit's coin is a 16-bit slice of a 64-bit random integer: four coins per draw of the generator,
     a quarter of the time of torch's bernoulli kernel (p is rounded to a multiple of 1/65536). Elsewhere (CUDA, MPS)
     the coins are torch.rand's.
     """
     if h.device.type != "cpu":
-        return h * (torch.rand_like(h) >= p) / (1 - p)
+        return rand_dropout(h, p)
     n = h.numel()
     draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
     coins = draws.view(torch.int16)[:n].view(h.shape)  # uniform over -32768..32767
-    dropped = torch.round(p * 65536)
+    dropped = torch.round(p * 65536) if torch.is_tensor(p) else round(p * 65536)
+    # A number keeps the comparison and the scale scalar: no tensor of thresholds to broadcast and convert.
     return h * (coins >= dropped - 32768) * (65536 / (65536 - dropped))
+
+
+def rand_dropout(h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Dropout with one rate per member, from torch.rand: what the GPU (or any device but the CPU) runs."""
+    return h * (torch.rand_like(h) >= p) / (1 - p)
 
 
 def _seeded_mlp(seed: int | None, *args: Any) -> nn.Sequential:
@@ -220,14 +228,15 @@ class PackedMLP(nn.Module):
         self.norm_layers = [k for k in range(self.depth) if any(f[k] for f in flags)]
         self.norms = nn.ModuleDict({str(k): _StackedNorm(sizes[k], [f[k] for f in flags]) for k in self.norm_layers})
         # A layer followed by batch norm has no bias in build_mlp: its slot stays zero and gets no gradient.
-        for k in range(self.depth):
-            self.register_buffer(
-                f"bias_mask{k}", torch.tensor([not f[k] for f in flags]).view(-1, 1, 1).float(), persistent=False
-            )
+        # Per layer: which members add a bias. All: a fused baddbmm; none: a plain bmm; some: masked.
+        self.bias_masks = [torch.tensor([not f[k] for f in flags]).view(-1, 1, 1).float() for k in range(self.depth)]
         rates = [per_layer("dropout", m["dropout"], self.depth) for m in members]
+        # Per layer: one rate for all members (a number: the cheaper path), or one per member; None: no dropout.
+        self.rates: list[float | torch.Tensor | None] = []
         for k in range(self.depth):
-            self.register_buffer(f"dropout{k}", torch.tensor([r[k] for r in rates]).view(-1, 1, 1), persistent=False)
-        self.dropout_layers = [k for k in range(self.depth) if any(r[k] > 0 for r in rates)]
+            layer = [r[k] for r in rates]
+            same = all(v == layer[0] for v in layer)
+            self.rates.append((layer[0] or None) if same else torch.tensor(layer).view(-1, 1, 1))
         # Members with the same parameter-free activation share one call; runs of them are applied in turn.
         self.specs = [m["activation"] for m in members]
         acts = [next(m for m in net if isinstance(m, ACTIVATION_TYPES)) for net in nets]
@@ -254,14 +263,21 @@ class PackedMLP(nn.Module):
         appended to it."""
         h = x.expand(self.members, *x.shape) if x.dim() == 2 else x
         for k in range(self.depth):
-            h = torch.baddbmm(self.biases[k] * getattr(self, f"bias_mask{k}"), h, self.weights[k])
+            mask = self.bias_masks[k]
+            if mask.all():
+                h = torch.baddbmm(self.biases[k], h, self.weights[k])
+            elif not mask.any():
+                h = torch.bmm(h, self.weights[k])
+            else:
+                h = torch.baddbmm(self.biases[k] * mask.to(h.device), h, self.weights[k])
             if k in self.norm_layers:
                 h = self.norms[str(k)](h)
             pre, h = h, self.activate(h)
             if capture is not None:
                 capture.append((pre, h))
-            if self.training and k in self.dropout_layers:
-                h = coin_dropout(h, getattr(self, f"dropout{k}"))
+            rate = self.rates[k]
+            if self.training and rate is not None:
+                h = coin_dropout(h, rate.to(h.device) if torch.is_tensor(rate) else rate)
         return torch.baddbmm(self.biases[-1], h, self.weights[-1])
 
     def l2_penalty(self, l2: torch.Tensor) -> torch.Tensor:
@@ -278,7 +294,7 @@ class PackedMLP(nn.Module):
         layers: list[nn.Module] = []
         for k in range(self.depth + 1):
             w = self.weights[k]
-            has_bias = k == self.depth or bool(getattr(self, f"bias_mask{k}")[i])
+            has_bias = k == self.depth or bool(self.bias_masks[k][i])
             linear = nn.Linear(w.shape[1], w.shape[2], bias=has_bias, device="meta")
             linear.weight = nn.Parameter(w.detach()[i].t(), requires_grad=False)
             linear.weight.grad = None if w.grad is None else w.grad[i].t()
@@ -290,7 +306,8 @@ class PackedMLP(nn.Module):
             if str(k) in self.norms and self.norms[str(k)].enabled[i]:
                 layers.append(self.norms[str(k)].member(i))
             layers.append(self.member_activation(i))
-            rate = float(getattr(self, f"dropout{k}")[i])
+            rate = self.rates[k]
+            rate = float(rate[i] if torch.is_tensor(rate) else rate or 0)
             if rate > 0:
                 layers.append(nn.Dropout(rate))
         return nn.Sequential(*layers)
@@ -317,15 +334,20 @@ class _StackedNorm(nn.Module):
         self.register_buffer("mask", torch.tensor(enabled).view(-1, 1, 1), persistent=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)
-            with torch.no_grad():
-                n = h.shape[1]
-                self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
-        else:
-            var, mean = self.running_var, self.running_mean
-        out = (h - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        members, batch, units = h.shape
+        # torch's fused batch norm over (batch, members x units): every member's units are channels of their own.
+        flat = h[0] if members == 1 else h.transpose(0, 1).reshape(batch, members * units)
+        out = F.batch_norm(
+            flat,
+            self.running_mean.view(-1),
+            self.running_var.view(-1),
+            self.weight.view(-1),
+            self.bias.view(-1),
+            self.training,
+            self.momentum,
+            self.eps,
+        )
+        out = out.unsqueeze(0) if members == 1 else out.view(batch, members, units).transpose(0, 1)
         return out if all(self.enabled) else torch.where(self.mask, out, h)
 
     def member(self, i: int) -> nn.BatchNorm1d:
