@@ -63,8 +63,8 @@ SETTINGS = {
 # Which arm's step count the report header quotes for each kind of run.
 PARTS = {"depth runs": "depth2_sigmoid", "dying ReLU": "dying_relu_lr0.001", "sections 3-4": "normalize_scale"}
 # The study's runs keep only the diagnostics it reads; the seed's own arm (section 3's `scale`) also draws figures.
-LEAN = ["~callbacks.checkpoint", "~callbacks.progress", "~callbacks.histograms", "~callbacks.figures"]
-SEED_RUN = ["~callbacks.checkpoint", "~callbacks.progress"]
+SEED_RUN = ["~callbacks.checkpoint", "~callbacks.last", "~callbacks.progress"]
+LEAN = [*SEED_RUN, "~callbacks.histograms", "~callbacks.figures"]
 
 
 class Collect(Logger):

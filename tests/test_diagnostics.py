@@ -139,7 +139,7 @@ def test_unit_stats_on_known_activations():
 def test_diagnostics_switch_off_one_by_one_or_all():
     assert {"grad_norms", "unit_health", "histograms", "figures"} <= set(compose_config().callbacks)
     assert "histograms" not in compose_config("~callbacks.histograms").callbacks
-    assert set(compose_config("callbacks=plain").callbacks) == {"checkpoint", "progress"}
+    assert set(compose_config("callbacks=plain").callbacks) == {"checkpoint", "last", "progress"}
 
 
 def test_bad_settings_name_the_value():

@@ -222,6 +222,10 @@ def test_a_pack_interrupted_mid_epoch_ends_as_an_uninterrupted_one(mnist_root, t
         assert mine["resumes"][0]["from_step"] == 20 + 7
         assert mine["metrics"] == theirs["metrics"]
         assert [h["train/loss"] for h in mine["history"]] == [h["train/loss"] for h in theirs["history"]]
+    # In TensorBoard the resumed runs' epoch points sit at the uninterrupted runs' steps.
+    for s in (0, 1):
+        steps = [[e.step for e in events(tmp_path / f / str(s)).Scalars("val/acc")] for f in ("stopped", "whole")]
+        assert steps[0] == steps[1] == [19, 39, 59]
 
 
 def test_bf16_mixed_trains_on_cpu(mnist_root, tmp_path):

@@ -132,10 +132,12 @@ class EpochLines(ProgressBar):
         if not self.enabled or epoch < max(self.first_epoch, self.printed + 1) or "val/acc" not in m:
             return
         self.printed = epoch
+        members = getattr(trainer.lightning_module, "members", 1)
         log.info(
-            "epoch %d/%d: train loss %.4f, val loss %.4f, val acc %.4f, %.1f s",
+            "epoch %d/%d%s: train loss %.4f, val loss %.4f, val acc %.4f, %.1f s",
             epoch + 1,
             trainer.max_epochs,
+            f" (means of a pack of {members})" if members > 1 else "",
             m.get("train/loss", float("nan")),
             m["val/loss"],
             m["val/acc"],

@@ -227,8 +227,7 @@ class PackedMLP(nn.Module):
         flags = [per_layer("batch_norm", m["batch_norm"], self.depth, kind=bool) for m in members]
         self.norm_layers = [k for k in range(self.depth) if any(f[k] for f in flags)]
         self.norms = nn.ModuleDict({str(k): _StackedNorm(sizes[k], [f[k] for f in flags]) for k in self.norm_layers})
-        # A layer followed by batch norm has no bias in build_mlp: its slot stays zero and gets no gradient.
-        # Per layer: which members add a bias. All: a fused baddbmm; none: a plain bmm; some: masked.
+        # Per layer: which members add a bias (a layer followed by batch norm has none in build_mlp).
         self.bias_masks = [torch.tensor([not f[k] for f in flags]).view(-1, 1, 1).float() for k in range(self.depth)]
         rates = [per_layer("dropout", m["dropout"], self.depth) for m in members]
         # Per layer: one rate for all members (a number: the cheaper path), or one per member; None: no dropout.
@@ -264,12 +263,9 @@ class PackedMLP(nn.Module):
         h = x.expand(self.members, *x.shape) if x.dim() == 2 else x
         for k in range(self.depth):
             mask = self.bias_masks[k]
-            if mask.all():
-                h = torch.baddbmm(self.biases[k], h, self.weights[k])
-            elif not mask.any():
-                h = torch.bmm(h, self.weights[k])
-            else:
-                h = torch.baddbmm(self.biases[k] * mask.to(h.device), h, self.weights[k])
+            # A masked bias still takes part (with a zero gradient): DDP wants every parameter used.
+            bias = self.biases[k] if mask.all() else self.biases[k] * mask.to(h.device)
+            h = torch.baddbmm(bias, h, self.weights[k])
             if k in self.norm_layers:
                 h = self.norms[str(k)](h)
             pre, h = h, self.activate(h)
