@@ -174,7 +174,7 @@ def hand_loop(steps: int, device: str) -> Callable[[], float]:
                 sync(x.device)
                 start = time.perf_counter()
             j = perm[i * BATCH : (i + 1) * BATCH]
-            loss = F.cross_entropy(model(x[j]), y[j]) + model.net.l2_penalty(model.l2).sum()
+            loss = F.cross_entropy(model(x[j]), y[j]) + model.l2_penalties().sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -230,7 +230,7 @@ def member_step(members: int, steps: int, device: str, precision: str = "32-true
             j = perm[i * BATCH : (i + 1) * BATCH]
             with autocast:
                 logits = model.net(x[j])
-            loss = (model.losses(logits, y[j]) + model.net.l2_penalty(model.l2)).sum()
+            loss = (model.losses(logits, y[j]) + model.l2_penalties()).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

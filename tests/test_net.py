@@ -56,7 +56,7 @@ def test_l2_is_keras_sum_of_squares_on_chosen_kernels_only():
     with torch.no_grad():
         net.weights[0].fill_(1.0)  # 3 x 2 weights a member
         net.weights[1].copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-    penalty = net.l2_penalty(torch.tensor([[0.0, 0.001], [0.5, 0.5]]))
+    penalty = net.l2_penalty(torch.tensor([[0.0, 0.001], [0.5, 0.5]]), layers=[0, 1])
     assert penalty.tolist() == pytest.approx([0.001 * (1 + 4 + 9 + 16), 0.5 * (6 + 30)])
 
 

@@ -7,16 +7,19 @@ import json
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from conftest import run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from test_faults import CLI_ENV, wait_for
 
-from fcexp.pack import pack_sizes
+from fcexp.module import Classifier
+from fcexp.pack import Member, member_checkpoint, merged_checkpoint, pack_sizes
 from fcexp.record import checkpoint_step
 from fcexp.stats import interval
 from fcexp.train import Job, compose_config, train, train_pack
@@ -208,9 +211,11 @@ def test_a_pack_interrupted_mid_epoch_ends_as_an_uninterrupted_one(mnist_root, t
     stop = [*base, f"+callbacks.stop._target_={__name__}.StopMidEpoch"]
 
     def jobs(folder: str, overrides: list[str], resume: bool = False) -> list[Job]:
+        # Member 1 has batch norm, member 0 not: the pack holds a norm that member 0's checkpoints must leave out.
+        own = [[f"seed={s}", f"model.batch_norm={bool(s)}"] for s in (0, 1)]
         return [
-            Job(compose_config(*overrides, f"seed={s}"), tmp_path / folder / str(s), [*overrides, f"seed={s}"], resume)
-            for s in (0, 1)
+            Job(compose_config(*overrides, *o), tmp_path / folder / str(s), [*overrides, *o], resume)
+            for s, o in enumerate(own)
         ]
 
     with pytest.raises(KeyboardInterrupt):
@@ -222,6 +227,10 @@ def test_a_pack_interrupted_mid_epoch_ends_as_an_uninterrupted_one(mnist_root, t
         assert mine["resumes"][0]["from_step"] == 20 + 7
         assert mine["metrics"] == theirs["metrics"]
         assert [h["train/loss"] for h in mine["history"]] == [h["train/loss"] for h in theirs["history"]]
+    # Each member's checkpoint is its solo net's: it loads strictly into a net of its own config.
+    for s in (0, 1):
+        model = Classifier.load_from_checkpoint(tmp_path / "stopped" / str(s) / "checkpoints" / "last.ckpt")
+        assert len(model.net.norm_layers) == s
     # In TensorBoard the resumed runs' epoch points sit at the uninterrupted runs' steps.
     for s in (0, 1):
         steps = [[e.step for e in events(tmp_path / f / str(s)).Scalars("val/acc")] for f in ("stopped", "whole")]
@@ -253,3 +262,63 @@ def test_members_that_cannot_share_a_model_train_in_separate_packs(mnist_root, t
     ]
     assert sorted(sizes) == [1, 1, 1, 1, 2, 2, 2, 2]
     assert [r["status"] for r in records(only_sweep(tmp_path)).values()] == ["completed"] * 12
+
+
+def test_member_checkpoints_cut_and_merge_back_exactly():
+    """Three members, two optimizer settings (two parameter groups), batch norm on one only: each member's cut is a
+    solo checkpoint (it loads strictly, optimizer included), and merging the cuts gives the pack's state back."""
+    members = [
+        {
+            "activation": "relu",
+            "dropout": 0.0,
+            "batch_norm": bn,
+            "l2": 0.0,
+            "init": "torch",
+            "label_smoothing": 0.0,
+            "seed": i,
+            "optimizer": partial(torch.optim.Adam, lr=lr),
+        }
+        for i, (bn, lr) in enumerate([(False, 1e-3), (True, 1e-3), (False, 1e-2)])
+    ]
+    pack = Classifier(hidden=[16, 8], in_features=12, num_classes=3, members=members)
+    optimizer = pack.configure_optimizers()
+    for _ in range(2):
+        pack(torch.randn(5, 12)).square().sum().backward()
+        pack.on_before_optimizer_step(optimizer)
+        optimizer.step()
+        pack.optimizer_zero_grad(0, 0, optimizer)
+    whole = {
+        "state_dict": pack.state_dict(),
+        "optimizer_states": [optimizer.state_dict()],
+        "global_step": 2,
+        "hyper_parameters": dict(pack.hparams),
+        "callbacks": {},
+    }
+    cuts = [member_checkpoint(whole, pack, Member(i, Path("."), None)) for i in range(3)]
+    for i, cut in enumerate(cuts):
+        alone = Classifier(**cut["hyper_parameters"], optimizer=members[i]["optimizer"])
+        alone.load_state_dict(cut["state_dict"])  # strict: exactly its own keys
+        alone.configure_optimizers().load_state_dict(cut["optimizer_states"][0])
+        assert bool(alone.net.norm_layers) == (i == 1)
+    fresh = Classifier(hidden=[16, 8], in_features=12, num_classes=3, members=members)
+    merged = merged_checkpoint(cuts, fresh)
+    for key, value in whole["state_dict"].items():
+        if key.startswith("net.norms"):  # the members without batch norm get the fresh pack's values back
+            assert torch.equal(merged["state_dict"][key][1], value[1]), key
+        else:
+            assert torch.equal(merged["state_dict"][key], value), key
+    fresh.load_state_dict(merged["state_dict"])
+    restored = fresh.configure_optimizers()
+    restored.load_state_dict(merged["optimizer_states"][0])
+    names = [n for n, _ in pack.named_parameters()]
+    before, after = optimizer.state_dict()["state"], restored.state_dict()["state"]
+    assert [g["lr"] for g in restored.param_groups] == [1e-3, 1e-2]  # members 0-1 and member 2
+    for p, entry in before.items():
+        name = names[p % len(names)]
+        # A norm only member 1 (row 1 of group 0) has: the others' moments restart at zero.
+        rows = [1] if name.startswith("net.norms") and p < len(names) else slice(None)
+        if name.startswith("net.norms") and p >= len(names):
+            assert p not in after  # member 2, alone in group 1, has no norm: no state to restore
+            continue
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(after[p][moment][rows], entry[moment][rows]), (name, moment)

@@ -123,7 +123,9 @@ class Classifier(L.LightningModule):
                 self.ranges[-1] = (self.ranges[-1][0], i + 1)
             else:
                 self.ranges.append((i, i + 1))
-        self.register_buffer("l2", torch.tensor([per_layer("l2", m["l2"], depth) for m in specs]), persistent=False)
+        l2 = [per_layer("l2", m["l2"], depth) for m in specs]
+        self.register_buffer("l2", torch.tensor(l2), persistent=False)
+        self.l2_layers = [k for k in range(depth) if any(lam[k] for lam in l2)]
         smoothing = torch.tensor([float(m["label_smoothing"]) for m in specs]).view(-1, 1)
         self.register_buffer("smoothing", smoothing, persistent=False)
         # One image: the model summary shows each layer's shapes and the FLOPs of one forward pass.
@@ -145,6 +147,7 @@ class Classifier(L.LightningModule):
         self.register_buffer("best_val_acc", torch.zeros(self.members))
         # Training on: a member whose loss stopped being finite is taken out of the pack (fcexp.train records it).
         self.register_buffer("alive", torch.ones(self.members, dtype=torch.bool), persistent=False)
+        self.all_alive = True  # the same, known on the host
         # The step at which each member's loss first stopped being finite (-1: never), kept on the device so that
         # no step waits for it; read on logging steps.
         self.register_buffer("diverged_at", torch.full((self.members,), -1), persistent=False)
@@ -176,7 +179,7 @@ class Classifier(L.LightningModule):
         x, y = batch
         logits = self.net(x)
         losses = self.losses(logits, y)
-        l2 = self.net.l2_penalty(self.l2)
+        l2 = self.l2_penalties()
         self.diverged_at = torch.where(
             ~torch.isfinite(losses) & (self.diverged_at < 0), self.global_step, self.diverged_at
         )
@@ -194,12 +197,17 @@ class Classifier(L.LightningModule):
         # A member out of the pack contributes nothing: no gradient, no update (its numbers may be NaN).
         return torch.where(self.alive, losses + l2, 0).sum()
 
+    def l2_penalties(self) -> torch.Tensor:
+        """Each member's L2 penalty (members,)."""
+        return self.net.l2_penalty(self.l2, self.l2_layers)
+
     def check_finite(self) -> None:
         """Take out of the pack every member whose loss stopped being finite; when none is left, stop the run."""
         diverged = (self.diverged_at >= 0) & self.alive
         if not diverged.any():
             return
         self.alive &= ~diverged
+        self.all_alive = False
         for i in diverged.nonzero().flatten().tolist():
             step = int(self.diverged_at[i])
             epoch = step // max(1, self.trainer.num_training_batches)
@@ -251,6 +259,16 @@ class Classifier(L.LightningModule):
         # Every rank holds the same synced values; sync_dist only silences Lightning's DDP warning.
         alive = self.alive if self.alive.any() else torch.ones_like(self.alive)
         self.log_dict({k: v[alive].mean() for k, v in values.items()}, prog_bar=stage == "val", sync_dist=True)
+
+    def on_validation_epoch_start(self) -> None:
+        if not self.trainer.sanity_checking:  # before the members' checkpoints are written at validation end
+            self.check_finite()
+
+    def on_after_backward(self) -> None:
+        if not self.all_alive:  # a member out of the pack: its gradients (NaN through its loss) become zeros
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad = torch.where(self.alive.view(-1, *[1] * (p.dim() - 1)), p.grad, 0)
 
     def on_train_epoch_end(self) -> None:
         self.check_finite()

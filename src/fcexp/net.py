@@ -228,14 +228,20 @@ class PackedMLP(nn.Module):
         self.norm_layers = [k for k in range(self.depth) if any(f[k] for f in flags)]
         self.norms = nn.ModuleDict({str(k): _StackedNorm(sizes[k], [f[k] for f in flags]) for k in self.norm_layers})
         # Per layer: which members add a bias (a layer followed by batch norm has none in build_mlp).
-        self.bias_masks = [torch.tensor([not f[k] for f in flags]).view(-1, 1, 1).float() for k in range(self.depth)]
+        # Decided here, on the host, so that a step never waits for the device to answer them.
+        self.bias_everywhere = [all(not f[k] for f in flags) for k in range(self.depth)]
+        for k in range(self.depth):
+            mask = torch.tensor([not f[k] for f in flags]).view(-1, 1, 1).float()
+            self.register_buffer(f"bias_mask{k}", mask, persistent=False)
         rates = [per_layer("dropout", m["dropout"], self.depth) for m in members]
         # Per layer: one rate for all members (a number: the cheaper path), or one per member; None: no dropout.
-        self.rates: list[float | torch.Tensor | None] = []
+        self.rates: list[float | str | None] = []  # a rate for all, the name of a buffer of rates, or none
         for k in range(self.depth):
             layer = [r[k] for r in rates]
             same = all(v == layer[0] for v in layer)
-            self.rates.append((layer[0] or None) if same else torch.tensor(layer).view(-1, 1, 1))
+            self.rates.append((layer[0] or None) if same else f"rate{k}")
+            if not same:
+                self.register_buffer(f"rate{k}", torch.tensor(layer).view(-1, 1, 1), persistent=False)
         # Members with the same parameter-free activation share one call; runs of them are applied in turn.
         self.specs = [m["activation"] for m in members]
         acts = [next(m for m in net if isinstance(m, ACTIVATION_TYPES)) for net in nets]
@@ -262,9 +268,8 @@ class PackedMLP(nn.Module):
         appended to it."""
         h = x.expand(self.members, *x.shape) if x.dim() == 2 else x
         for k in range(self.depth):
-            mask = self.bias_masks[k]
             # A masked bias still takes part (with a zero gradient): DDP wants every parameter used.
-            bias = self.biases[k] if mask.all() else self.biases[k] * mask.to(h.device)
+            bias = self.biases[k] if self.bias_everywhere[k] else self.biases[k] * getattr(self, f"bias_mask{k}")
             h = torch.baddbmm(bias, h, self.weights[k])
             if k in self.norm_layers:
                 h = self.norms[str(k)](h)
@@ -273,15 +278,15 @@ class PackedMLP(nn.Module):
                 capture.append((pre, h))
             rate = self.rates[k]
             if self.training and rate is not None:
-                h = coin_dropout(h, rate.to(h.device) if torch.is_tensor(rate) else rate)
+                h = coin_dropout(h, getattr(self, rate) if isinstance(rate, str) else rate)
         return torch.baddbmm(self.biases[-1], h, self.weights[-1])
 
-    def l2_penalty(self, l2: torch.Tensor) -> torch.Tensor:
-        """Keras' kernel_regularizer per member: `l2` is (members, hidden layers); each member's λ·Σw² (members,)."""
+    def l2_penalty(self, l2: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+        """Keras' kernel_regularizer per member: `l2` is (members, hidden layers); each member's λ·Σw² (members,)
+        over the hidden `layers` where some member has a λ."""
         total = torch.zeros(self.members, device=l2.device)
-        for k in range(self.depth):
-            if l2[:, k].any():
-                total = total + l2[:, k] * self.weights[k].square().sum((1, 2))
+        for k in layers:
+            total = total + l2[:, k] * self.weights[k].square().sum((1, 2))
         return total
 
     def member(self, i: int) -> nn.Sequential:
@@ -290,7 +295,7 @@ class PackedMLP(nn.Module):
         layers: list[nn.Module] = []
         for k in range(self.depth + 1):
             w = self.weights[k]
-            has_bias = k == self.depth or bool(self.bias_masks[k][i])
+            has_bias = k == self.depth or bool(getattr(self, f"bias_mask{k}")[i])
             linear = nn.Linear(w.shape[1], w.shape[2], bias=has_bias, device="meta")
             linear.weight = nn.Parameter(w.detach()[i].t(), requires_grad=False)
             linear.weight.grad = None if w.grad is None else w.grad[i].t()
@@ -303,7 +308,7 @@ class PackedMLP(nn.Module):
                 layers.append(self.norms[str(k)].member(i))
             layers.append(self.member_activation(i))
             rate = self.rates[k]
-            rate = float(rate[i] if torch.is_tensor(rate) else rate or 0)
+            rate = float(getattr(self, rate)[i] if isinstance(rate, str) else rate or 0)
             if rate > 0:
                 layers.append(nn.Dropout(rate))
         return nn.Sequential(*layers)

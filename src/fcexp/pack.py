@@ -49,6 +49,13 @@ class MemberTrainer:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._trainer, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A callback's writes (EarlyStopping's should_stop) reach the pack's trainer.
+        if name in ("_trainer", "_member"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._trainer, name, value)
+
     @property
     def loggers(self) -> list:
         return [self._member.logger] if self._member.logger is not None else []
@@ -174,23 +181,35 @@ def _slice(value: Any, start: int, stop: int) -> Any:
     return value[start:stop].clone() if torch.is_tensor(value) and value.dim() else value
 
 
+def own_keys(module: Classifier, i: int) -> set[str]:
+    """The keys of the pack's state that member `i` has alone: all but the batch norms of the layers where its own
+    net has none (a pack holds one for a layer as soon as one member uses it)."""
+    norms = module.net.norms
+    foreign = {f"net.norms.{k}." for k, norm in norms.items() if not norm.enabled[i]}
+    return {k for k in module.state_dict() if not k.startswith(tuple(foreign))}
+
+
 def member_checkpoint(pack: dict[str, Any], module: Classifier, member: Member) -> dict[str, Any]:
     """The checkpoint a member would have written training alone, cut from the pack's: what `fcexp.evaluate` and a
     resume read."""
     i = member.index
+    keys = own_keys(module, i)
     checkpoint = dict(pack)
-    checkpoint["state_dict"] = {k: _slice(v, i, i + 1) for k, v in pack["state_dict"].items()}
+    checkpoint["state_dict"] = {k: _slice(v, i, i + 1) for k, v in pack["state_dict"].items() if k in keys}
     if "optimizer_states" in pack:
         (optimizer,) = pack["optimizer_states"]
         g = next(g for g, (a, b) in enumerate(module.ranges) if a <= i < b)
         offset = module.ranges[g][0]
         group = optimizer["param_groups"][g]
+        # The group lists the pack's parameters in module order; the member keeps its own, renumbered.
+        names = [n for n, _ in module.named_parameters()]
+        mine = [p for n, p in zip(names, group["params"], strict=True) if n in keys]
         state = {
             j: {k: _slice(v, i - offset, i - offset + 1) for k, v in optimizer["state"][p].items()}
-            for j, p in enumerate(group["params"])
+            for j, p in enumerate(mine)
             if p in optimizer["state"]
         }
-        params = list(range(len(group["params"])))
+        params = list(range(len(mine)))
         checkpoint["optimizer_states"] = [{"state": state, "param_groups": [dict(group, params=params)]}]
     states = pack.get("callbacks", {}).get(Members.__qualname__)
     checkpoint["callbacks"] = states["members"][i] if states else {}
@@ -205,30 +224,43 @@ def member_checkpoint(pack: dict[str, Any], module: Classifier, member: Member) 
 
 
 def merged_checkpoint(checkpoints: Sequence[dict[str, Any]], module: Classifier) -> dict[str, Any]:
-    """The pack's checkpoint from its members' own (the inverse of member_checkpoint): what resumes a pack."""
+    """The pack's checkpoint from its members' own (the inverse of member_checkpoint): what resumes a pack. What a
+    member lacks (a batch norm only its pack-mates use) starts as the fresh pack has it, with no optimizer state."""
     steps = {c["global_step"] for c in checkpoints}
     if len(steps) > 1:
         raise ValueError(f"the members' checkpoints are at different steps {sorted(steps)}; they cannot resume as one")
-    first = checkpoints[0]
-    merged = dict(first)
+    fresh = module.state_dict()
+    merged = dict(checkpoints[0])
     merged["state_dict"] = {
-        k: torch.cat([c["state_dict"][k] for c in checkpoints]) if v.dim() else v  # counts are the pack's
-        for k, v in first["state_dict"].items()
+        # A count (a 0-dim tensor) is the same for all members: the first one's.
+        k: torch.cat([c["state_dict"].get(k, v[i : i + 1]) for i, c in enumerate(checkpoints)])
+        if v.dim()
+        else checkpoints[0]["state_dict"][k]
+        for k, v in fresh.items()
     }
     if all("optimizer_states" in c for c in checkpoints):
-        optimizers = [c["optimizer_states"][0] for c in checkpoints]
+        names = [n for n, _ in module.named_parameters()]
+        # Each member's optimizer state by parameter name (its own parameters, in module order).
+        by_name = []
+        for i, c in enumerate(checkpoints):
+            mine = [n for n in names if n in own_keys(module, i)]
+            by_name.append({mine[j]: entry for j, entry in c["optimizer_states"][0]["state"].items()})
         state, groups = {}, []
-        for a, b in module.ranges:
-            group = dict(optimizers[a]["param_groups"][0])
-            ids = list(range(len(state), len(state) + len(group["params"])))
-            for j, p in enumerate(ids):
-                if j in optimizers[a]["state"]:
-                    entries = [optimizers[m]["state"][j] for m in range(a, b)]
-                    state[p] = {
-                        k: torch.cat([e[k] for e in entries]) if torch.is_tensor(v) and v.dim() else v
-                        for k, v in entries[0].items()
-                    }
-            groups.append(dict(group, params=ids))
+        for g, (a, b) in enumerate(module.ranges):
+            ids = [g * len(names) + j for j in range(len(names))]
+            for name, p in zip(names, ids, strict=True):
+                entries = [by_name[m].get(name) for m in range(a, b)]
+                present = next((e for e in entries if e is not None), None)
+                if present is None:
+                    continue
+                state[p] = {
+                    k: torch.cat([(e or {}).get(k, torch.zeros_like(v)) for e in entries])
+                    if torch.is_tensor(v) and v.dim()
+                    else v
+                    for k, v in present.items()
+                }
+            group = dict(checkpoints[a]["optimizer_states"][0]["param_groups"][0], params=ids)
+            groups.append(group)
         merged["optimizer_states"] = [{"state": state, "param_groups": groups}]
     merged["callbacks"] = {Members.__qualname__: {"members": [c.get("callbacks", {}) for c in checkpoints]}}
     merged["hyper_parameters"] = dict(module.hparams)

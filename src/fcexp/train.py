@@ -285,17 +285,31 @@ def plan_job(cfg: DictConfig, sweep_dir: Path) -> list[Job | float]:
     plans: list[Job | float] = []
     for one, folder, args in replicas(cfg, run_dir, overrides):
         try:
-            typed = validated(one)
-            if typed.trainer.get("strategy", "auto") != "auto" or typed.trainer.get("devices", 1) not in (1, "1"):
-                raise ValueError(
-                    f"+launcher=packed trains on one device; trainer.devices={typed.trainer.get('devices')} and "
-                    f"trainer.strategy={typed.trainer.get('strategy')} need the basic launcher"
-                )
-            plans.append(plan(one, folder, args, sweep_dir))
+            job = plan(one, folder, args, sweep_dir)
+            if isinstance(job, Job):
+                check_packable(validated(job.cfg))
+            plans.append(job)
         except Exception as err:
-            RunRecord(folder, args).fail(err, {})
+            if RunRecord.load(folder) is None:  # a new job refused: recorded as failed, as other launchers do
+                RunRecord(folder, args).fail(err, {})
             plans.append(failed(err, folder, None, sweep_dir))
     return plans
+
+
+def check_packable(cfg: DictConfig) -> None:
+    """Refuse what would couple the members of a pack: several devices, and what acts on all of a step's gradients
+    at once (clipping by their joint norm, fp16's loss scaling, which skips every member's step for one's overflow)."""
+    trainer = cfg.trainer
+    if trainer.get("strategy", "auto") != "auto" or trainer.get("devices", 1) not in (1, "1"):
+        raise ValueError(
+            f"+launcher=packed trains on one device; trainer.devices={trainer.get('devices')} and "
+            f"trainer.strategy={trainer.get('strategy')} need the basic launcher"
+        )
+    if trainer.get("gradient_clip_val") or str(trainer.get("precision")).startswith("16"):
+        raise ValueError(
+            "+launcher=packed does not clip gradients or scale fp16 losses per member; drop "
+            "trainer.gradient_clip_val, use trainer.precision=bf16-mixed, or use the basic launcher"
+        )
 
 
 @contextlib.contextmanager

@@ -86,7 +86,8 @@ class PackedLauncher(Launcher):
                 job_subdir_key="hydra.sweep.subdir",
             )
             returns.append(ret)
-            plans.append(ret._return_value)
+            # plan_job records a job it cannot plan; should it fail itself, the job counts as failed.
+            plans.append(ret._return_value if ret.status == JobStatus.COMPLETED else [math.nan])
         budget = self.memory_gb * 2**30 if self.memory_gb else free_memory() / 2
         scores = train_packs(plans, sweep_dir, self.max_members, budget)
         for ret, score in zip(returns, scores, strict=True):
