@@ -159,27 +159,34 @@ def training_tensors(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x.to(device), y.to(device)
 
 
+def ms_per_step(model: nn.Module, loss_of: Callable, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    """Milliseconds per training step (loss, backward, the model's own optimizer) over random batches of x and y,
+    timed after StepTimer.warmup steps."""
+    optimizer = model.train().configure_optimizers()
+    perm = torch.randperm(len(x), device=x.device)
+    for i in range(steps):
+        if i == StepTimer.warmup:
+            sync(x.device)
+            start = time.perf_counter()
+        j = perm[i * BATCH : (i + 1) * BATCH]
+        loss = loss_of(model, x[j], y[j])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync(x.device)
+    return (time.perf_counter() - start) / (steps - StepTimer.warmup) * 1e3
+
+
 def hand_loop(steps: int, device: str) -> Callable[[], float]:
     """The same net, loss and fused Adam as fcexp, in a bare loop over index slices of in-memory tensors."""
     x, y = training_tensors(device)
     cfg = compose_config()
 
+    def loss_of(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(xb), yb) + model.l2_penalties().sum()
+
     def run() -> float:
-        model = instantiate(cfg.model).to(device)
-        model.train()
-        optimizer = model.configure_optimizers()
-        perm = torch.randperm(len(x), device=device)
-        for i in range(steps):
-            if i == StepTimer.warmup:
-                sync(x.device)
-                start = time.perf_counter()
-            j = perm[i * BATCH : (i + 1) * BATCH]
-            loss = F.cross_entropy(model(x[j]), y[j]) + model.l2_penalties().sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        sync(x.device)
-        return (steps - StepTimer.warmup) * BATCH / (time.perf_counter() - start)
+        return BATCH * 1e3 / ms_per_step(instantiate(cfg.model).to(device), loss_of, x, y, steps)
 
     return run
 
@@ -216,26 +223,16 @@ def member_step(members: int, steps: int, device: str, precision: str = "32-true
     cfg = compose_config()
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
+    def loss_of(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            logits = model.net(xb)
+        return (model.losses(logits, yb) + model.l2_penalties()).sum()
+
     def run() -> float:
         factory = instantiate(cfg.model, _partial_=True)
         knobs = {k: factory.keywords[k] for k in ("activation", "dropout", "batch_norm", "l2", "init", "optimizer")}
         model = factory(members=[knobs | {"label_smoothing": 0.0, "seed": s} for s in range(members)])
-        model = model.to(device).train()
-        optimizer = model.configure_optimizers()
-        perm = torch.randperm(len(x), device=device)
-        for i in range(steps):
-            if i == StepTimer.warmup:
-                sync(x.device)
-                start = time.perf_counter()
-            j = perm[i * BATCH : (i + 1) * BATCH]
-            with autocast:
-                logits = model.net(x[j])
-            loss = (model.losses(logits, y[j]) + model.l2_penalties()).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        sync(x.device)
-        return (time.perf_counter() - start) / (steps - StepTimer.warmup) / members * 1e3
+        return ms_per_step(model.to(device), loss_of, x, y, steps) / members
 
     return run
 

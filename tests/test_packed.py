@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, start_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from test_faults import CLI_ENV, wait_for
@@ -158,17 +157,10 @@ def test_a_diverging_member_fails_alone(mnist_root, tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_leaves_every_member_resumable_and_the_rerun_finishes_the_sweep(mnist_root, tmp_path):
-    """Two packs (two widths); Ctrl-C in the second. The rerun skips the first pack's members and continues the
-    second's from their checkpoints, ending where an uninterrupted sweep ends."""
+    """Two packs (two widths); a real SIGINT in the second. The printed rerun skips the first pack's members and
+    continues the second's from their checkpoints."""
     args = ["data.limit_train=25600", "trainer.max_epochs=3", "model.hidden=[64],[96]", "seed=0,1", *SMALL[3:]]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fcexp.train", *PACKED, *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=CLI_ENV,
-    )
+    proc = start_cli("fcexp.train", *PACKED, *args, cwd=tmp_path)
     wait_for(tmp_path / "runs" / "sweeps", proc)
     sweep = only_sweep(tmp_path)
     job = "data.limit_train=25600,model.batch_norm=False,model.hidden=[96],model.l2=0,seed={},"
