@@ -357,6 +357,14 @@ def test_a_completed_run_is_never_overwritten(tmp_path, mnist_root):
         f"error: {run_dir} holds a completed run; continue it with resume={run_dir}, or start in a new folder"
     )
     assert contents() == before  # not a file added or changed
+    # Resuming it with nothing left to train is refused too (it once tested again and lost its val metrics). Hydra
+    # writes the attempt's config to .hydra/resumed before fcexp sees it; the run's results stay as they were.
+    resumed = run_cli("fcexp.train", f"resume={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 2
+    assert resumed.stderr.strip() == (
+        f"error: {run_dir} completed its 1 epochs; to train it further, add trainer.max_epochs=<more than 1>"
+    )
+    assert {k: v for k, v in contents().items() if not k.startswith(".hydra/resumed")} == before
 
 
 @pytest.mark.slow

@@ -314,3 +314,13 @@ def test_member_checkpoints_cut_and_merge_back_exactly():
             continue
         for moment in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(after[p][moment][rows], entry[moment][rows]), (name, moment)
+
+
+def test_a_refused_value_fails_its_job_and_the_rest_still_pack(mnist_root, tmp_path):
+    args = ["data.limit_train=1000", "callbacks=plain", "model.hidden=[32]", *SMALL[1:2], *SMALL[3:]]
+    proc = run_cli("fcexp.train", *PACKED, *args, "model.dropout=0,0.2,1.5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training a pack of 2" in proc.stdout and "one by one" not in proc.stdout
+    by_dropout = {r["hparams"]["model.dropout"]: r for r in records(only_sweep(tmp_path)).values()}
+    assert by_dropout[1.5]["status"] == "failed" and "dropout must be in [0, 1), got 1.5" in by_dropout[1.5]["error"]
+    assert by_dropout[0]["status"] == by_dropout[0.2]["status"] == "completed"

@@ -288,10 +288,17 @@ def plan_job(cfg: DictConfig, sweep_dir: Path) -> list[Job | float]:
             job = plan(one, folder, args, sweep_dir)
             if isinstance(job, Job):
                 check_packable(validated(job.cfg))
+                try:  # its net alone, so that a value the constructor refuses fails this job and no pack
+                    instantiate(job.cfg.model)
+                except InstantiationException as err:
+                    raise user_error(err) from None
             plans.append(job)
         except Exception as err:
             if RunRecord.load(folder) is None:  # a new job refused: recorded as failed, as other launchers do
-                RunRecord(folder, args).fail(err, {})
+                record = RunRecord(folder, args)
+                with contextlib.suppress(Exception):  # its knobs, for compare's columns, where they can be read
+                    record.describe(flat_hparams(one, args))
+                record.fail(err, {})
             plans.append(failed(err, folder, None, sweep_dir))
     return plans
 
@@ -305,10 +312,15 @@ def check_packable(cfg: DictConfig) -> None:
             f"+launcher=packed trains on one device; trainer.devices={trainer.get('devices')} and "
             f"trainer.strategy={trainer.get('strategy')} need the basic launcher"
         )
-    if trainer.get("gradient_clip_val") or str(trainer.get("precision")).startswith("16"):
+    if trainer.get("gradient_clip_val"):
         raise ValueError(
-            "+launcher=packed does not clip gradients or scale fp16 losses per member; drop "
-            "trainer.gradient_clip_val, use trainer.precision=bf16-mixed, or use the basic launcher"
+            "+launcher=packed does not clip gradients per member; drop trainer.gradient_clip_val or use the basic "
+            "launcher"
+        )
+    if str(trainer.get("precision")).startswith("16"):
+        raise ValueError(
+            f"+launcher=packed does not scale fp16 losses per member; trainer.precision={trainer.precision} needs the "
+            "basic launcher, or use trainer.precision=bf16-mixed"
         )
 
 
@@ -389,6 +401,11 @@ def plan(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path |
     previous = RunRecord.load(run_dir)
     if cfg.resume:  # conf/__init__.py checked that it is a run folder
         cfg, overrides = resumed_config(previous, overrides)
+        done = len(previous["history"])
+        if previous["status"] == "completed" and cfg.trainer.max_epochs <= done:
+            raise ValueError(
+                f"{run_dir} completed its {done} epochs; to train it further, add trainer.max_epochs=<more than {done}>"
+            )
         return Job(cfg, run_dir, overrides, resume=True)
     if previous is not None and previous["status"] == "completed" and rank_zero_only.rank == 0:
         if cfg.skip_finished:
