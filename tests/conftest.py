@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,12 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None) -> subp
     )
 
 
+def _ctrl_c_reaches_python() -> None:
+    # A suite started as a background job (`make test > log &`) runs with SIGINT ignored, and a Python started
+    # with it ignored never raises KeyboardInterrupt: the Ctrl-C tests' child gets the default back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(module: str, *args: str, cwd: Path) -> subprocess.Popen:
     """`python -m <module> <args>` started in the background from `cwd`, to be stopped or killed midway."""
     return subprocess.Popen(
@@ -43,6 +50,7 @@ def start_cli(module: str, *args: str, cwd: Path) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "FCEXP_DATA": DATA_ROOT},
+        preexec_fn=_ctrl_c_reaches_python,
     )
 
 
