@@ -35,7 +35,7 @@ def claim_folder(parent: str | os.PathLike, now: float | None = None) -> Path:
     raise FileExistsError(f"100 runs started under {parent} in the second {stamp}; start fewer at once")
 
 
-def _refuse(message: str) -> None:
+def refuse(message: str) -> None:
     # Raised inside Hydra's job set-up an exception would print as a traceback; this is the user's one line.
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -43,19 +43,26 @@ def _refuse(message: str) -> None:
 
 def _new_folder(parent: object, key: str) -> str:
     if not isinstance(parent, str):
-        _refuse(f"{key} must be a string (a folder), got {parent!r}")
+        refuse(f"{key} must be a string (a folder), got {parent!r}")
     try:
         return str(claim_folder(parent))
     except OSError as err:
-        _refuse(f"{key} {parent!r} is not writable ({err.strerror}); choose another {key}")
+        refuse(f"{key} {parent!r} is not writable ({err.strerror}); choose another {key}")
 
 
 def _run_dir(runs_dir: object, resume: object) -> str:
     # A resumed run continues in its own folder; a new one claims a fresh folder.
     if resume is None:
+        step = os.environ.get("SLURM_STEP_ID")
+        if step is not None and "SLURM_JOB_ID" in os.environ and isinstance(runs_dir, str):
+            # Started by srun: every rank of a DDP run, and the job again when SLURM requeues it, share one folder
+            # named by the job step (the time would differ between them).
+            folder = Path(runs_dir) / f"slurm-{os.environ['SLURM_JOB_ID']}.{step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            return str(folder)
         return _new_folder(runs_dir, "runs_dir")
     if not isinstance(resume, str) or not (Path(resume) / "metrics.json").is_file():
-        _refuse(f"resume={resume!r} is not a run folder (no metrics.json); give a folder under runs/")
+        refuse(f"resume={resume!r} is not a run folder (no metrics.json); give a folder under runs/")
     return resume
 
 

@@ -3,6 +3,7 @@ and what a resume needs to continue exactly where the run stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,12 +22,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 RECORD = "metrics.json"
 CHECKPOINTS = "checkpoints"
 INTERRUPTED = "interrupted.ckpt"
+# What stops a run that is to go on later: Ctrl-C, and SIGTERM (SLURM's preemption, requeue or scancel), which
+# Lightning turns into SIGTERMException at the next step.
+INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
 
 
 def override_key(override: str) -> str:
@@ -72,7 +77,7 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
 
 
 def resume_checkpoint(run_dir: Path) -> Path | None:
-    """The newest of a run's resumable checkpoints: `last` (end of an epoch) or `interrupted` (Ctrl-C)."""
+    """The newest of a run's resumable checkpoints: `last` (end of an epoch) or `interrupted` (Ctrl-C, SIGTERM)."""
     found = [p for p in (run_dir / CHECKPOINTS / "last.ckpt", run_dir / CHECKPOINTS / INTERRUPTED) if p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
@@ -132,6 +137,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def slurm_job() -> str | None:
+    """The SLURM job this process runs in (`<job>_<task>` for an array task), None outside SLURM. It stays the same
+    when SLURM requeues the job: a restarted job finds its run by it."""
+    env = os.environ
+    if "SLURM_ARRAY_JOB_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}"
+    return env.get("SLURM_JOB_ID")
+
+
+def requeued(previous: Mapping[str, Any]) -> bool:
+    """Whether this process is SLURM restarting (a requeue, a preemption) the job that started the run `previous`."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    job = (previous.get("provenance") or {}).get("slurm_job")
+    return job is not None and job == slurm_job() and restarts.isdigit() and int(restarts) > 0
+
+
 def provenance() -> dict[str, Any]:
     """What reproducing a run needs besides its config: the command, code version, libraries, device and host."""
     versions = {"python": platform.python_version()}
@@ -154,8 +175,18 @@ def provenance() -> dict[str, Any]:
         "versions": versions,
         "device": device,
         "host": socket.gethostname(),
+        "slurm_job": slurm_job(),
         "started": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "Ctrl-C"
+    if isinstance(error, SIGTERMException):
+        job = slurm_job()
+        return f"SIGTERM (SLURM job {job}: preempted, requeued or cancelled)" if job else "SIGTERM"
+    return f"{type(error).__name__}: {error}"
 
 
 class RunRecord(L.Callback):
@@ -185,7 +216,7 @@ class RunRecord(L.Callback):
         self.resumed = previous is not None
         if self.resumed:
             self.record["resumes"].append(
-                {k: v for k, v in provenance().items() if k in ("command", "host", "started")}
+                {k: v for k, v in provenance().items() if k in ("command", "host", "slurm_job", "started")}
             )
         self.save()
 
@@ -239,17 +270,17 @@ class RunRecord(L.Callback):
         self.save()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
-            # Lightning turns Ctrl-C into an exit; first keep what a resume needs.
+        if isinstance(exception, INTERRUPTS):
+            # Lightning turns Ctrl-C and SIGTERM into an exit; first keep what a resume needs.
             trainer.save_checkpoint(self.run_dir / CHECKPOINTS / INTERRUPTED, weights_only=False)
             self.fail(exception, trainer.callback_metrics)
 
     def fail(self, error: BaseException, metrics: Mapping[str, Any]) -> None:
-        """Record a run that ended early: "interrupted" (Ctrl-C) or "failed" with its error."""
+        """Record a run that ended early: "interrupted" (Ctrl-C, SIGTERM) or "failed" with its error."""
         if self.record["status"] == "interrupted":
             return  # Lightning's exit after an interrupt is not a second failure
-        self.record["status"] = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        self.record["error"] = "Ctrl-C" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+        self.record["status"] = "interrupted" if isinstance(error, INTERRUPTS) else "failed"
+        self.record["error"] = _reason(error)
         self.record["metrics"] = {k: _scalar(v) for k, v in metrics.items()}
         self.save()
 
@@ -259,3 +290,17 @@ class RunRecord(L.Callback):
         self.record["metrics"] = {k: _scalar(v) for k, v in metrics.items()}
         self.save()
         return self.record
+
+
+def mark(cfg: DictConfig, run_dir: Path, overrides: list[str], status: str, error: str) -> None:
+    """Set a run's status from outside its process: a job SLURM ended before the run could (scancel, its time limit,
+    a node failure), or a packed sweep's job refused before it started. A run with no record yet gets one, with its
+    knobs. Its checkpoints stay, for a sweep rerun with skip_finished to continue from."""
+    record = RunRecord.load(run_dir)
+    if record is None:
+        new = RunRecord(run_dir, overrides)
+        with contextlib.suppress(Exception):  # its knobs, for compare's columns, where they can be read
+            new.describe(flat_hparams(cfg, overrides))
+        record = new.record
+    record["status"], record["error"] = status, error
+    write_json(run_dir / RECORD, record)

@@ -37,10 +37,13 @@ from fcexp.record import (
     checkpoint_step,
     fcexp_command,
     flat_hparams,
+    mark,
     override,
     override_key,
+    requeued,
     resume_checkpoint,
     shell_program,
+    slurm_job,
 )
 from fcexp.schema import validated
 from fcexp.stats import interval
@@ -52,7 +55,7 @@ USER_ERRORS = (ValueError, DataError, MisconfigurationException)
 
 
 def _no_tips(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("💡 Tip")
+    return not record.getMessage().startswith(("💡 Tip", "SLURM auto-requeueing enabled"))
 
 
 def quiet_lightning() -> None:
@@ -66,8 +69,10 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # Lightning cannot tell that fcexp's loader resumes mid-epoch (MNISTDataModule.train_dataloader); it does.
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
-    # Lightning advertises a cloud logger at every fit.
+    # Lightning advertises a cloud logger at every fit, and under SLURM says at every fit and test, on every rank,
+    # that it handles SIGUSR1 (fcexp handles SLURM's SIGTERM: RunRecord, plan).
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").addFilter(_no_tips)
 
 
 def user_error(err: InstantiationException) -> Exception:
@@ -193,7 +198,7 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
                 metrics = model.member_metrics[member.index] if trainer is not None else {}
                 member.record.fail(err, metrics)
         if any(m.record.record["status"] == "interrupted" for m in members):
-            raise KeyboardInterrupt from None  # Lightning turns Ctrl-C into exit(1); it is still an interrupt
+            raise KeyboardInterrupt from None  # Lightning turns Ctrl-C into exit(1); still an interrupt, as SIGTERM
         raise err from None
     results: list[dict | BaseException] = []
     for member in members:
@@ -295,10 +300,7 @@ def plan_job(cfg: DictConfig, sweep_dir: Path) -> list[Job | float]:
             plans.append(job)
         except Exception as err:
             if RunRecord.load(folder) is None:  # a new job refused: recorded as failed, as other launchers do
-                record = RunRecord(folder, args)
-                with contextlib.suppress(Exception):  # its knobs, for compare's columns, where they can be read
-                    record.describe(flat_hparams(one, args))
-                record.fail(err, {})
+                mark(one, folder, args, "failed", f"{type(err).__name__}: {err}")
             plans.append(failed(err, folder, None, sweep_dir))
     return plans
 
@@ -396,9 +398,15 @@ def _train_pack_or_each(jobs: list[Job], sweep_dir: Path) -> list[dict | BaseExc
 
 
 def plan(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path | None) -> Job | float:
-    """What a run in `run_dir` is to do: start, resume (`resume=`, or a sweep job's rerun), or, for a sweep job that
-    completed before and `skip_finished`, nothing: then its best val accuracy. A completed run is never redone."""
+    """What a run in `run_dir` is to do: start, resume (`resume=`, a sweep job's rerun, SLURM restarting its job),
+    or, for a sweep job that completed before and `skip_finished`, nothing: then its best val accuracy. A completed
+    run is never redone."""
     previous = RunRecord.load(run_dir)
+    if previous is not None and requeued(previous):
+        if previous["status"] == "completed":  # requeued after the run ended, before its job did
+            return previous["metrics"]["val/acc_best"]
+        log.info("SLURM restarted job %s (requeued or preempted): continuing %s", slurm_job(), run_dir)
+        return Job(cfg, run_dir, overrides, resume=True)
     if cfg.resume:  # conf/__init__.py checked that it is a run folder
         cfg, overrides = resumed_config(previous, overrides)
         done = len(previous["history"])
@@ -422,7 +430,8 @@ def plan(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path |
 
 
 def interrupted(run_dirs: list[Path], sweep_dir: Path | None) -> None:
-    """Ctrl-C: every run keeps what its resume needs; say how to continue, and leave with the interrupt's status."""
+    """Ctrl-C or SIGTERM: every run keeps what its resume needs; say how to continue, and leave with the interrupt's
+    status."""
     if rank_zero_only.rank == 0:
         if len(run_dirs) == 1:
             print(
@@ -431,7 +440,9 @@ def interrupted(run_dirs: list[Path], sweep_dir: Path | None) -> None:
             )
         else:
             print(f"interrupted; each of the pack's {len(run_dirs)} runs kept its checkpoint", file=sys.stderr)
-        if sweep_dir:
+        if slurm_job():
+            print(f"if SLURM requeues job {slurm_job()}, it continues from this checkpoint by itself", file=sys.stderr)
+        elif sweep_dir:
             print(f"finish the sweep with: {finish_sweep_command(sweep_dir)}", file=sys.stderr)
     sys.exit(130)
 
