@@ -38,7 +38,7 @@ REPLICATES = 3  # the seeds a single-seed sweep is told to add
 MULTIRUN = "multirun.yaml"  # the sweep's config, written by Hydra before its first job
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"  # its `_target_` in multirun.yaml
 # Finished jobs first, best validation accuracy first among them; then what may still finish; then what never will.
-STATUS_ORDER = {"completed": 0, "running": 1, "interrupted": 2, "failed": 3, "no record": 4}
+STATUS_ORDER = {"completed": 0, "running": 1, "interrupted": 2, "cancelled": 3, "failed": 4, "no record": 5}
 # Overrides that say how a sweep ran, not what a job trained: left out of the rerun command.
 NOT_THE_JOB = {"hydra/launcher", "hydra/sweeper", "launcher", "threads", "skip_finished", "resume"}
 # Presets that only say what to sweep: a single job's rerun does not need them (conf/sweep/depth.yaml also fixes
@@ -188,7 +188,8 @@ def load_sweep(sweep_dir: Path) -> list[Job]:
         raise ValueError(
             f"{str(sweep_dir)!r} holds no jobs (subfolders with {RECORD} or .hydra/); give a folder under runs/sweeps/"
         )
-    return sorted(jobs, key=lambda j: (STATUS_ORDER.get(j.status, 5), -(j.val_best or 0.0), j.folder.name))
+    last = len(STATUS_ORDER)
+    return sorted(jobs, key=lambda j: (STATUS_ORDER.get(j.status, last), -(j.val_best or 0.0), j.folder.name))
 
 
 def swept_knobs(jobs: list[Job]) -> list[str]:
@@ -466,10 +467,13 @@ def plot_by_knob(configs: list[Config], knobs: list[str], path: Path) -> None:
 
 
 def sweep_command(sweep_dir: Path) -> list[str] | None:
-    """The overrides the sweep was started with (its multirun.yaml), if it recorded them."""
+    """The overrides the sweep was started with (its multirun.yaml), if it recorded them: the task's, and how it was
+    launched (hydra.launcher.*: a SLURM sweep's partition and CPUs)."""
     if not (sweep_dir / MULTIRUN).is_file():
         return None
-    return [o for o in OmegaConf.load(sweep_dir / MULTIRUN).hydra.overrides.task if override_key(o) != "seed"]
+    overrides = OmegaConf.load(sweep_dir / MULTIRUN).hydra.overrides
+    launcher = [o for o in overrides.hydra if override_key(o).startswith("hydra.launcher.")]
+    return [o for o in overrides.task if override_key(o) != "seed"] + launcher
 
 
 def report(sweep_dir: Path) -> str:

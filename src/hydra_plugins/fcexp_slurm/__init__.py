@@ -1,0 +1,1 @@
+"""`+launcher=slurm`: a sweep as a SLURM array that says what SLURM says (fcexp.slurm)."""
