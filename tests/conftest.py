@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from slurm_cluster import SlurmCluster, missing_programs
 
 from fcexp.data import ensure_mnist
 
@@ -41,15 +42,16 @@ def _ctrl_c_reaches_python() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start_cli(module: str, *args: str, cwd: Path) -> subprocess.Popen:
-    """`python -m <module> <args>` started in the background from `cwd`, to be stopped or killed midway."""
+def start_cli(module: str, *args: str, cwd: Path, env: dict | None = None, output=subprocess.PIPE) -> subprocess.Popen:
+    """`python -m <module> <args>` started in the background from `cwd`, to be stopped or killed midway; what it
+    prints goes to pipes, or to the file `output` (stdout and stderr together)."""
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=output,
+        stderr=subprocess.PIPE if output is subprocess.PIPE else subprocess.STDOUT,
         text=True,
-        env={**os.environ, "FCEXP_DATA": DATA_ROOT},
+        env={**os.environ, "FCEXP_DATA": DATA_ROOT, **(env or {})},
         preexec_fn=_ctrl_c_reaches_python,
     )
 
@@ -60,8 +62,33 @@ def printed(output: str, label: str) -> str:
     return line.split(f"{label}: ", 1)[1]
 
 
-def run_printed(command: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_printed(command: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a printed command in a shell, from `cwd`, with the test's own PATH (no venv activated under `make test`)."""
     return subprocess.run(
-        command, shell=True, cwd=cwd, capture_output=True, text=True, env={**os.environ, "FCEXP_DATA": DATA_ROOT}
+        command,
+        shell=True,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FCEXP_DATA": DATA_ROOT, **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory) -> SlurmCluster:
+    """A one-node SLURM cluster (munge, slurmctld, slurmd) for the session, stopped when it ends. Where it cannot
+    start, its tests are skipped with the reason, except under FCEXP_REQUIRE_SLURM=1 (CI), where they fail."""
+    give_up = pytest.fail if os.environ.get("FCEXP_REQUIRE_SLURM") == "1" else pytest.skip
+    missing = missing_programs()
+    if missing:
+        give_up(f"no SLURM to test against: {', '.join(missing)} missing (apt-get install slurm-wlm munge)")
+    if os.geteuid() != 0:
+        give_up("no SLURM to test against: starting munge and slurmd as the tests do needs root")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except RuntimeError as err:
+        cluster.stop()
+        give_up(f"the test cluster did not start: {err}")
+    yield cluster
+    cluster.stop()

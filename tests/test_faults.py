@@ -231,32 +231,6 @@ def test_ctrl_c_saves_what_resume_needs(tmp_path, mnist_root):
 
 
 @pytest.mark.slow
-def test_nan_fails_its_job_and_the_sweep_goes_on(tmp_path, mnist_root):
-    proc = run_cli(
-        "fcexp.train", "-m", *QUICK, "trainer.max_epochs=1", "optimizer=sgd", "optimizer.lr=10000,0.05", cwd=tmp_path
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (sweep,) = (tmp_path / "runs" / "sweeps").iterdir()
-    records = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
-    diverged = records["data.limit_train=12800,optimizer.lr=10000,optimizer=sgd,trainer.max_epochs=1"]
-    assert diverged["status"] == "failed" and "loss is nan" in diverged["error"]
-    fine = [r for r in records.values() if r is not diverged]
-    assert len(fine) == 1 and fine[0]["status"] == "completed" and fine[0]["metrics"]["test/acc"] > 0.85
-    rerun = run_cli(
-        "fcexp.train",
-        "-m",
-        *QUICK,
-        "trainer.max_epochs=1",
-        "optimizer=sgd",
-        "optimizer.lr=10000,0.05",
-        f"hydra.sweep.dir={sweep}",
-        "skip_finished=true",
-        cwd=tmp_path,
-    )
-    assert rerun.returncode == 0 and rerun.stdout.count("finished before (skip_finished=true)") == 1
-
-
-@pytest.mark.slow
 def test_ddp_cpu_shards_data_and_syncs_metrics(tmp_path, mnist_root):
     proc = run_cli(
         "fcexp.train", "trainer=ddp_cpu", *QUICK, "trainer.max_epochs=1", "data.limit_train=5120", cwd=tmp_path
@@ -369,10 +343,10 @@ def test_a_completed_run_is_never_overwritten(tmp_path, mnist_root):
 
 @pytest.mark.slow
 def test_ctrl_c_in_a_sweep_prints_the_command_that_finishes_it(tmp_path, mnist_root):
-    proc = start_cli("fcexp.train", "-m", *QUICK, "data.limit_train=25600", "seed=0,1,2", cwd=tmp_path)
+    proc = start_cli("fcexp.train", "-m", *QUICK, "seed=0,1,2", cwd=tmp_path)
     wait_for(tmp_path / "runs" / "sweeps", proc)
     (sweep,) = (tmp_path / "runs" / "sweeps").iterdir()
-    job = {seed: sweep / f"data.limit_train=25600,seed={seed},trainer.max_epochs=3" for seed in range(3)}
+    job = {seed: sweep / f"data.limit_train=12800,seed={seed},trainer.max_epochs=3" for seed in range(3)}
     wait_for(job[1] / "checkpoints" / "last.ckpt", proc)  # the first job done, the second under way
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
