@@ -297,21 +297,21 @@ def test_folders_claimed_in_the_same_second_are_distinct(tmp_path):
 @pytest.mark.slow
 def test_runs_started_together_get_a_folder_each(tmp_path, mnist_root):
     tiny = ["data.limit_train=1280", "trainer.max_epochs=1", "callbacks=plain"]
-    procs = [start_run(tmp_path, *tiny, f"seed={seed}") for seed in range(4)]
+    procs = [start_run(tmp_path, *tiny, f"seed={seed}") for seed in range(3)]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
     folders = sorted((tmp_path / "runs").iterdir())
-    assert len(folders) == 4
+    assert len(folders) == 3
     records = [json.loads((f / "metrics.json").read_text()) for f in folders]
-    assert sorted(r["hparams"]["seed"] for r in records) == [0, 1, 2, 3]
+    assert sorted(r["hparams"]["seed"] for r in records) == [0, 1, 2]
     assert all(r["status"] == "completed" and len(r["history"]) == 1 for r in records)
     writers = []  # events.out.tfevents.<time>.<host>.<pid>.<n>: each folder's events come from one process
     for folder, record in zip(folders, records, strict=True):
         (pid,) = {p.name.split(".")[-2] for p in folder.glob("events.out.tfevents.*")}
         writers.append(pid)
         assert OmegaConf.load(folder / ".hydra" / "config.yaml").seed == record["hparams"]["seed"]
-    assert len(set(writers)) == 4
+    assert len(set(writers)) == 3
 
 
 @pytest.mark.slow
@@ -343,10 +343,12 @@ def test_a_completed_run_is_never_overwritten(tmp_path, mnist_root):
 
 @pytest.mark.slow
 def test_ctrl_c_in_a_sweep_prints_the_command_that_finishes_it(tmp_path, mnist_root):
-    proc = start_cli("fcexp.train", "-m", *QUICK, "trainer.max_epochs=2", "seed=0,1,2", cwd=tmp_path)
+    proc = start_cli(
+        "fcexp.train", "-m", *QUICK, "data.limit_train=6400", "trainer.max_epochs=2", "seed=0,1,2", cwd=tmp_path
+    )
     wait_for(tmp_path / "runs" / "sweeps", proc)
     (sweep,) = (tmp_path / "runs" / "sweeps").iterdir()
-    job = {seed: sweep / f"data.limit_train=12800,seed={seed},trainer.max_epochs=2" for seed in range(3)}
+    job = {seed: sweep / f"data.limit_train=6400,seed={seed},trainer.max_epochs=2" for seed in range(3)}
     wait_for(job[1] / "checkpoints" / "last.ckpt", proc)  # the first job done, the second under way
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

@@ -151,61 +151,68 @@ def test_a_slurm_sweep_is_a_local_sweep_and_a_diverging_job_fails_alone(slurm, t
     assert {"compare.md", "compare.csv"} <= {p.name for p in (tmp_path / "slurm").iterdir()}
 
 
-def test_a_cancelled_job_is_marked_and_the_rerun_runs_only_it(slurm, tmp_path, mnist_root):
-    sweep_dir = tmp_path / "sweep"
-    overrides = ("activation=relu,tanh", "data.limit_train=5120", "trainer.max_epochs=4")
-    proc, log = start_sweep(slurm, tmp_path, sweep_dir, *overrides)
-    tanh = sweep_dir / "activation=tanh,data.limit_train=5120,trainer.max_epochs=4"
-    relu = sweep_dir / "activation=relu,data.limit_train=5120,trainer.max_epochs=4"
-    wait_until(lambda: epochs_done(tanh) >= 1, "tanh's first epoch", proc=proc)
+@pytest.fixture(scope="module")
+def stopped_sweep(slurm, tmp_path_factory, mnist_root) -> dict:
+    """A sweep of four jobs on SLURM, seeds 3 and 4 twice each (with and without the model summary, which changes
+    nothing else). In the first wave, job #0 (seed 3) is requeued, as preemption does, and job #1 (seed 4) cancelled,
+    both in their second epoch; the second wave trains their twins uninterrupted."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    sweep_dir = tmp / "sweep"
+    overrides = ("trainer.enable_model_summary=true,false", "seed=3,4", "data.limit_train=5120", "trainer.max_epochs=4")
+    proc, log = start_sweep(slurm, tmp, sweep_dir, *overrides)
+    name = "data.limit_train=5120,seed={},trainer.enable_model_summary={},trainer.max_epochs=4"
+    requeued, cancelled = sweep_dir / name.format(3, True), sweep_dir / name.format(4, True)
+    wait_until(lambda: epochs_done(requeued) >= 1 and epochs_done(cancelled) >= 1, "the first epochs", proc=proc)
     array = submitted_id(log)
-    slurm.run("scancel", f"{array}_1")  # job #1: tanh
-    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
-    text = log.read_text()
-    cancelled = record(tanh)
-    assert cancelled["status"] == "cancelled"
-    assert cancelled["error"].startswith(f"SLURM ended job {array}_1 CANCELLED before it finished")
-    assert (tanh / "checkpoints" / "interrupted.ckpt").is_file()  # SIGTERM kept the step it reached
-    assert "2 jobs in" in text and "1 completed, 1 cancelled" in text
-    finished = (relu / "metrics.json").read_bytes()
-    assert record(relu)["status"] == "completed"
-
-    rerun = run_printed(printed(text, "finish the sweep with"), cwd=tmp_path, env=slurm.env)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    again = rerun.stdout + rerun.stderr
-    assert "submitted 1 jobs" in again and f"skipping {relu.name}: finished before" in again
-    assert (relu / "metrics.json").read_bytes() == finished
-    resumed = record(tanh)
-    assert resumed["status"] == "completed" and resumed["resumes"][-1]["from_step"] > 0  # it did not start over
-    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3]
-
-
-def test_a_requeued_job_continues_from_its_checkpoint_to_the_uninterrupted_result(slurm, tmp_path, mnist_root):
-    sweep_dir = tmp_path / "sweep"
-    # Two jobs that train the same run (the model summary is only printed): one is requeued, one is not.
-    overrides = ("seed=3", "data.limit_train=6400", "trainer.max_epochs=4", "trainer.enable_model_summary=true,false")
-    proc, log = start_sweep(slurm, tmp_path, sweep_dir, *overrides)
-    name = "data.limit_train=6400,seed=3,trainer.enable_model_summary={},trainer.max_epochs=4"
-    run_dir, twin = sweep_dir / name.format("True"), sweep_dir / name.format("False")
-    wait_until(lambda: epochs_done(run_dir) >= 1, "the first epoch", proc=proc)
-    job = f"{submitted_id(log)}_0"
-    assert slurm.run("scontrol", "requeue", job).returncode == 0  # what preemption with requeue does
-    stopped = wait_until(lambda: (r := record(run_dir)) and r["status"] == "interrupted" and r, "the SIGTERM", 60)
+    assert slurm.run("scontrol", "requeue", f"{array}_0").returncode == 0
+    slurm.run("scancel", f"{array}_1")
+    stopped = wait_until(lambda: (r := record(requeued)) and r["status"] == "interrupted" and r, "the SIGTERM", 60)
     # SLURM holds a requeued job about 2 minutes; the test lets it start at once.
+    job = f"{array}_0"
     wait_until(lambda: slurm.run("squeue", "-h", "-j", job, "-o", "%T").stdout.strip() == "PENDING", "the requeue")
     assert slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now").returncode == 0
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    return {
+        "tmp": tmp, "array": array, "output": log.read_text(), "stopped": stopped, "requeued": requeued,
+        "cancelled": cancelled, "twins": {3: sweep_dir / name.format(3, False), 4: sweep_dir / name.format(4, False)},
+    }  # fmt: skip
+
+
+def test_a_requeued_job_continues_from_its_checkpoint_to_the_uninterrupted_result(stopped_sweep):
+    run_dir, job = stopped_sweep["requeued"], f"{stopped_sweep['array']}_0"
     result = record(run_dir)
-    assert stopped["provenance"]["slurm_job"] == job == result["resumes"][-1]["slurm_job"]
+    assert stopped_sweep["stopped"]["provenance"]["slurm_job"] == job == result["resumes"][-1]["slurm_job"]
     assert result["status"] == "completed" and len(result["resumes"]) == 1
     from_step = result["resumes"][-1]["from_step"]
-    steps_per_epoch = 6400 // 128
+    steps_per_epoch = 5120 // 128
     assert steps_per_epoch <= from_step < 4 * steps_per_epoch  # where the SIGTERM stopped it, not step 0
     assert [(h["epoch"], h["step"]) for h in result["history"]] == [(e, (e + 1) * steps_per_epoch) for e in range(4)]
     assert "SLURM restarted job" in (run_dir / "train.log").read_text()
     # Its twin ran uninterrupted: the same numbers.
-    assert not record(twin)["resumes"] and result["metrics"] == record(twin)["metrics"]
-    assert [h["val/loss"] for h in result["history"]] == [h["val/loss"] for h in record(twin)["history"]]
+    twin = record(stopped_sweep["twins"][3])
+    assert not twin["resumes"] and result["metrics"] == twin["metrics"]
+    assert [h["val/loss"] for h in result["history"]] == [h["val/loss"] for h in twin["history"]]
+
+
+def test_a_cancelled_job_is_marked_and_the_rerun_runs_only_it(slurm, stopped_sweep):
+    tanh, array, text = stopped_sweep["cancelled"], stopped_sweep["array"], stopped_sweep["output"]
+    cancelled = record(tanh)
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["error"].startswith(f"SLURM ended job {array}_1 CANCELLED before it finished")
+    assert (tanh / "checkpoints" / "interrupted.ckpt").is_file()  # SIGTERM kept the step it reached
+    assert "4 jobs in" in text and "3 completed, 1 cancelled" in text
+    others = [stopped_sweep["requeued"], *stopped_sweep["twins"].values()]
+    finished = [(d / "metrics.json").read_bytes() for d in others]
+
+    rerun = run_printed(printed(text, "finish the sweep with"), cwd=stopped_sweep["tmp"], env=slurm.env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    again = rerun.stdout + rerun.stderr
+    assert "submitted 1 jobs" in again and again.count("finished before (skip_finished=true)") == 3
+    assert [(d / "metrics.json").read_bytes() for d in others] == finished
+    resumed = record(tanh)
+    assert resumed["status"] == "completed" and resumed["resumes"][-1]["from_step"] > 0  # it did not start over
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3]
+    assert resumed["metrics"] == record(stopped_sweep["twins"][4])["metrics"]  # as if never cancelled
 
 
 def test_ddp_under_srun_is_one_run(slurm, tmp_path, mnist_root):
