@@ -1,9 +1,13 @@
 from importlib.resources import files
 
 import pytest
+import torch
+from conftest import compose_launched
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
+from fcexp.conf import gpu_of_job, job_devices
 from fcexp.train import compose_config
 
 CONF = files("fcexp.conf")
@@ -41,3 +45,27 @@ def test_short_overrides_reach_the_net():
     assert [m.p for m in model.net.member(0) if isinstance(m, nn.Dropout)] == [0.5] * 3
     assert sum(isinstance(m, nn.BatchNorm1d) for m in model.net.member(0)) == 3
     assert type(model.configure_optimizers()).__name__ == "SGD"
+
+
+def test_slurm_gpu_presets_compose():
+    gpu = compose_launched("+launcher=slurm_gpu")
+    assert gpu.hydra.launcher._target_ == "hydra_plugins.fcexp_slurm.slurm_launcher.SlurmLauncher"
+    assert gpu.hydra.launcher.gpus_per_node == 1 and gpu.hydra.launcher.tasks_per_node == 1
+    assert gpu.trainer.accelerator == "gpu" and gpu.trainer.devices == 1
+    ddp = compose_launched("+launcher=slurm_ddp", "hydra.launcher.tasks_per_node=8")
+    assert ddp.hydra.launcher.gpus_per_node == 8  # one GPU per task
+    assert ddp.trainer.strategy == "ddp" and ddp.trainer.accelerator == "gpu"
+    # Read in the job, where hydra: resolves: as many devices as SLURM tasks, which Lightning requires.
+    assert OmegaConf.to_container(ddp.trainer)["devices"] == "${hydra:launcher.tasks_per_node}"
+    assert ddp.trainer.sync_batchnorm is False
+
+
+def test_parallel_jobs_take_the_gpus_in_turn():
+    assert [gpu_of_job(i, 4) for i in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert [gpu_of_job(i, 1) for i in range(3)] == [0, 0, 0]
+    cfg = compose_launched("+launcher=parallel")
+    devices = OmegaConf.to_container(cfg.trainer)["devices"]
+    assert devices == "${fcexp.job_devices:${hydra:job.num},${trainer.accelerator}}"
+    # On a CPU (this machine, or trainer=cpu anywhere) a job keeps one device.
+    assert job_devices(3, "cpu") == 1
+    assert job_devices(3, "auto") == ([3 % torch.cuda.device_count()] if torch.cuda.is_available() else 1)

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA_ROOT, printed, run_cli, run_printed, start_cli
+from conftest import DATA_ROOT, compose_launched, printed, run_cli, run_printed, start_cli
+from omegaconf import OmegaConf
 
 from fcexp.slurm import check_request, describe, queue_states
 
@@ -100,6 +101,12 @@ def test_a_request_no_node_can_meet_is_refused_before_submission(slurm, tmp_path
         with pytest.raises(ValueError) as err:
             check_request(fits | {key: bad[key]})
         assert str(err.value) == message
+    # The GPU presets ask this CPU-only cluster for GPUs: refused before anything is submitted.
+    for preset, gpus in (("slurm_gpu", 1), ("slurm_ddp", 2)):
+        cfg = compose_launched(f"+launcher={preset}", f"hydra.launcher.tasks_per_node={gpus}")
+        params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True) | {"cpus_per_task": 1, "mem_gb": 1}
+        with pytest.raises(ValueError, match=f"no node in partition debug has {gpus} GPUs"):
+            check_request(params)
 
 
 def test_a_pending_job_says_why_it_waits(slurm, tmp_path, monkeypatch):

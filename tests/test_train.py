@@ -1,12 +1,18 @@
 """The real entry points on real MNIST, in small doses."""
 
-import json
+from __future__ import annotations
 
+import json
+from collections import Counter
+from typing import ClassVar
+
+import lightning as L
 import pytest
+import torch
 from conftest import QUICK, printed, run_cli, run_printed
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fcexp.train import compose_config, train
+from fcexp.train import Job, compose_config, train, train_pack
 
 pytestmark = pytest.mark.slow
 
@@ -69,3 +75,64 @@ def test_tensor_batches_honour_lightning_limits(tmp_path, mnist_root):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [e.step for e in events.Scalars("val/acc")] == [9, 19, 29]
+
+
+class SyncCounter(L.Callback):
+    """Counts the calls that make the host wait for the device (reading a tensor's value), from the start of each
+    training batch that is not a logging step to its end: the step, backward, optimizer and the batch-end hooks of
+    the callbacks after it. With CUDA it also makes torch raise at any synchronizing call in that window. Each one
+    made is kept in `made` (a pack's members each get one; the first one there counts)."""
+
+    WAITS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+    made: ClassVar[list[SyncCounter]] = []
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.steps = 0
+        self.originals: dict[str, object] = {}
+        SyncCounter.made.append(self)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step % trainer.log_every_n_steps == 0 or hasattr(torch.Tensor.item, "counted"):
+            return
+        self.steps += 1
+        for name in self.WAITS:
+            original = self.originals[name] = getattr(torch.Tensor, name)
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                self.calls[_name] += 1
+                return _original(*args, **kwargs)
+
+            counted.counted = True
+            setattr(torch.Tensor, name, counted)
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.originals:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, original)
+        self.originals.clear()
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_a_training_step_reads_nothing_from_the_device_between_logging_steps(members, tmp_path, mnist_root):
+    """The host can run ahead of a GPU: a diverged loss is a device flag read at logging steps, metrics are summed on
+    the device. A pack (here two members, each its own run) the same."""
+    SyncCounter.made.clear()
+    overrides = [
+        "data.limit_train=1280",
+        "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=5",
+        "callbacks.progress.refresh_rate=0",
+        "+callbacks.sync_counter._target_=test_train.SyncCounter",
+    ]
+    jobs = [Job(compose_config(*overrides, f"seed={s}"), tmp_path / str(s), [f"seed={s}"]) for s in range(members)]
+    results = train_pack(jobs)
+    assert all(r["status"] == "completed" for r in results)
+    counter = SyncCounter.made[0]
+    assert counter.steps == 8  # 10 steps, of which 0 and 5 log
+    assert counter.calls == Counter()

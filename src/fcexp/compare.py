@@ -23,6 +23,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from matplotlib.figure import Figure  # the object API needs no backend or display: PNGs on any machine
 from omegaconf import DictConfig, OmegaConf
 
@@ -547,6 +548,8 @@ class CompareAtEnd(Callback):
     """At the end of a multirun: the comparison of its jobs, and the TensorBoard command that shows them all."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if rank_zero_only.rank != 0:  # a DDP trainer's other ranks run the multirun too: rank 0 compares it
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             print(report(sweep_dir))

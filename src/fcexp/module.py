@@ -7,7 +7,6 @@ dropout, batch norm, L2, init, label smoothing, seed and optimizer settings, tra
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,11 +15,6 @@ import torch
 from torchmetrics import Metric
 
 from fcexp.net import OUTPUT_ACTIVATIONS, PackedMLP, check_hidden, check_per_layer, per_layer
-
-# Lightning sets this at import so CUDA stays uninitialized across forks; but then every optimizer step
-# re-probes NVML (a dlopen, ~0.3 ms a step on a machine without a GPU). fcexp's DDP launches
-# subprocesses instead of forking, so torch's cached CUDA check is safe.
-os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -131,6 +125,9 @@ class Classifier(L.LightningModule):
         # One image: the model summary shows each layer's shapes and the FLOPs of one forward pass.
         self.example_input_array = torch.zeros(1, in_features)
         if compile:
+            # A cache of its own: in a sweep, earlier jobs' graphs counted against torch's recompile limit (8), past
+            # which later jobs ran uncompiled without a word.
+            torch.compiler.reset()
             # In place: the parameters keep their names, so checkpoints load with or without it.
             self.net.compile()
         self.output_activation = OUTPUT_ACTIVATIONS["multiclass"]
@@ -203,6 +200,11 @@ class Classifier(L.LightningModule):
 
     def check_finite(self) -> None:
         """Take out of the pack every member whose loss stopped being finite; when none is left, stop the run."""
+        # Under DDP every rank takes the first step at which any rank diverged, so all stop at the same step.
+        never = torch.iinfo(self.diverged_at.dtype).max
+        pending = torch.where(self.diverged_at < 0, never, self.diverged_at)
+        first = self.trainer.strategy.reduce(pending, reduce_op="min")
+        self.diverged_at = torch.where(first == never, -1, first)
         diverged = (self.diverged_at >= 0) & self.alive
         if not diverged.any():
             return

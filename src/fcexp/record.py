@@ -251,6 +251,8 @@ class RunRecord(L.Callback):
         self.record["history"] = [h for h in self.record["history"] if h["step"] <= trainer.global_step]
         if self.resumed:
             self.record["resumes"][-1]["from_step"] = trainer.global_step
+        # The device it trains on: which GPU, in a parallel sweep that spreads its jobs over several.
+        self.record["provenance"]["device"]["used"] = str(trainer.strategy.root_device)
         self.save()
 
     # An epoch's train and val metrics are all logged only once its last hook has run, so each epoch

@@ -167,6 +167,11 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
         model.member_loggers = [m.logger for m in members]
         if any(ckpt is None for ckpt in resumed) and any(ckpt is not None for ckpt in resumed):
             raise ValueError("a pack resumes all its members from checkpoints or none")
+        if first.trainer.accelerator == "cpu" or not torch.cuda.is_available():
+            # Lightning sets this at import so that CUDA stays uninitialized across forks (ddp_fork, dataloader
+            # workers); then every optimizer step probes NVML again, a dlopen of ~0.3 ms. A run that never uses
+            # CUDA does not need it; one that may keeps it.
+            os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
         if first.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise ValueError(
                 f"trainer.accelerator={first.trainer.accelerator} needs CUDA, which this machine lacks; "

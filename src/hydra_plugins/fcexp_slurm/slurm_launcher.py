@@ -124,12 +124,12 @@ class SlurmLauncher(BaseSubmititLauncher):
             seen |= states.keys()
             for job_id, job in list(waiting.items()):
                 state = states.get(job_id, ("", ""))[0]
-                if job.paths.result_pickle.exists():
+                if self._result_pickle(job).exists():
                     del waiting[job_id]
                 elif state in DONE or (job_id in seen and job_id not in states):
                     # A job that ended well may have its result still on the way through a shared file system.
                     grace_s = 30.0 if state in ("COMPLETED", "") else 0.0
-                    if not self._appears(job.paths.result_pickle, grace_s):
+                    if not self._appears(self._result_pickle(job), grace_s):
                         ended[job_id] = state or "ENDED"
                     del waiting[job_id]
             if waiting and time.monotonic() - last_report >= self.report_every_s:
@@ -139,6 +139,13 @@ class SlurmLauncher(BaseSubmititLauncher):
             if waiting:
                 time.sleep(self.poll_s)
         return ended
+
+    @staticmethod
+    def _result_pickle(job: Any) -> Path:
+        """Where the job's first task leaves its result (a DDP job has one task per rank; rank 0's is the run's)."""
+        from submitit.core.utils import JobPaths
+
+        return JobPaths(job.paths.folder, job.job_id, task_id=0).result_pickle
 
     @staticmethod
     def _appears(path: Path, timeout_s: float) -> bool:
