@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from matplotlib.figure import Figure  # the object API needs no backend or display: PNGs on any machine
 from omegaconf import DictConfig, OmegaConf
 
-from fcexp.record import RECORD, RunRecord, fcexp_command, flat_hparams, override_key, shell_program
+from fcexp.record import RECORD, RunRecord, fcexp_command, flat_hparams, override, override_key, shell_program
 from fcexp.stats import ALPHA, Difference, Interval, difference, holm, interval
 
 log = logging.getLogger("fcexp")
@@ -467,14 +467,14 @@ def plot_by_knob(configs: list[Config], knobs: list[str], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def sweep_command(sweep_dir: Path) -> list[str] | None:
-    """The overrides the sweep was started with (its multirun.yaml), if it recorded them: the task's, and how it was
-    launched (hydra.launcher.*: a SLURM sweep's partition and CPUs)."""
+def sweep_command(sweep_dir: Path, without: tuple[str, ...] = ("seed",)) -> list[str] | None:
+    """The overrides the sweep was started with (its multirun.yaml), if it recorded them, but `without` and
+    skip_finished: the task's, and how it was launched (hydra.launcher.*: a SLURM sweep's partition and CPUs)."""
     if not (sweep_dir / MULTIRUN).is_file():
         return None
     overrides = OmegaConf.load(sweep_dir / MULTIRUN).hydra.overrides
     launcher = [o for o in overrides.hydra if override_key(o).startswith("hydra.launcher.")]
-    return [o for o in overrides.task if override_key(o) != "seed"] + launcher
+    return [o for o in overrides.task if override_key(o) not in (*without, "skip_finished")] + launcher
 
 
 def report(sweep_dir: Path) -> str:
@@ -540,6 +540,11 @@ def report(sweep_dir: Path) -> str:
         write_config_curves(configs, knobs, sweep_dir / CONFIG_RUN)
     written = [str(sweep_dir / n) for n in (TABLE, CSV, CONFIGS_CSV, CURVES, BY_KNOB) if (sweep_dir / n).is_file()]
     lines.append("wrote " + ", ".join(written))
+    command = sweep_command(sweep_dir, without=())
+    if command is not None and any(j.status in ("interrupted", "cancelled") for j in jobs):
+        # Last, where it does not scroll away: how the stopped jobs continue from their checkpoints.
+        finish = fcexp_command("-m", *command, override("hydra.sweep.dir", sweep_dir.absolute()), "skip_finished=true")
+        lines.append(f"finish the sweep with: {finish}")
     shown = format_table(config_header, config_table) if replicates else format_table(header, rows)
     return "\n".join([shown, "", *lines])
 

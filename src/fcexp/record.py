@@ -25,13 +25,15 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from submitit.core.utils import UncompletedJobError
 
 RECORD = "metrics.json"
 CHECKPOINTS = "checkpoints"
 INTERRUPTED = "interrupted.ckpt"
-# What stops a run that is to go on later: Ctrl-C, and SIGTERM (SLURM's preemption, requeue or scancel), which
-# Lightning turns into SIGTERMException at the next step.
-INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
+# What stops a run that is to go on later: Ctrl-C; SIGTERM (SLURM's preemption, requeue or scancel), which
+# Lightning turns into SIGTERMException at the next step; and submitit's signal that a SLURM job nears its time
+# limit (hydra.launcher.signal_delay_s before it), raised as UncompletedJobError when it will not requeue the job.
+INTERRUPTS = (KeyboardInterrupt, SIGTERMException, UncompletedJobError)
 
 
 def override_key(override: str) -> str:
@@ -186,6 +188,8 @@ def _reason(error: BaseException) -> str:
     if isinstance(error, SIGTERMException):
         job = slurm_job()
         return f"SIGTERM (SLURM job {job}: preempted, requeued or cancelled)" if job else "SIGTERM"
+    if isinstance(error, UncompletedJobError):
+        return f"SLURM job {slurm_job()} reached its time limit (hydra.launcher.timeout_min): {error}"
     return f"{type(error).__name__}: {error}"
 
 
@@ -251,8 +255,10 @@ class RunRecord(L.Callback):
         self.record["history"] = [h for h in self.record["history"] if h["step"] <= trainer.global_step]
         if self.resumed:
             self.record["resumes"][-1]["from_step"] = trainer.global_step
-        # The device it trains on: which GPU, in a parallel sweep that spreads its jobs over several.
-        self.record["provenance"]["device"]["used"] = str(trainer.strategy.root_device)
+        # The device it trains on (which GPU, in a parallel sweep that spreads its jobs over several) and its CPU
+        # threads, as set once the config was read.
+        device = self.record["provenance"]["device"]
+        device["used"], device["threads"] = str(trainer.strategy.root_device), torch.get_num_threads()
         self.save()
 
     # An epoch's train and val metrics are all logged only once its last hook has run, so each epoch

@@ -22,6 +22,8 @@ REASONS = {
     "lower hydra.launcher.cpus_per_task, mem_gb, gpus_per_node or timeout_min",
     "PartitionTimeLimit": "hydra.launcher.timeout_min exceeds partition {partition}'s time limit; lower it",
     "ReqNodeNotAvail": "the nodes it needs are down, drained or reserved",
+    "Nodes required for job are DOWN, DRAINED or reserved for jobs in higher priority partitions": "the nodes it "
+    "needs are down, drained or reserved (sinfo -R says why)",
     "Dependency": "waiting for another job",
     "JobHeldUser": "held (scontrol release <job> lets it go)",
     "JobHeldAdmin": "held by an admin",
@@ -122,13 +124,14 @@ def queue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
 
 def describe(states: Mapping[str, tuple[str, str]], partition: str) -> str:
     """One line for a sweep's jobs: `2 pending (PartitionDown): partition … is down; …, 1 running`."""
-    counts = Counter(
-        f"pending ({reason})" if state == "PENDING" and reason not in ("None", "") else state.lower()
-        for state, reason in states.values()
-    )
+    keys = {
+        job: f"pending ({reason})" if state == "PENDING" and reason not in ("None", "") else state.lower()
+        for job, (state, reason) in states.items()
+    }
     parts = []
-    for key, n in counts.most_common():
+    for key, n in Counter(keys.values()).most_common():
         reason = key[len("pending (") : -1] if key.startswith("pending (") else None
-        why = REASONS.get(reason, "see: scontrol show job <id>") if reason else None
+        example = next(job for job, k in keys.items() if k == key)
+        why = REASONS.get(reason, f"see: scontrol show job {example}") if reason else None
         parts.append(f"{n} {key}" + (f": {why.format(partition=partition)}" if why else ""))
     return ", ".join(parts)

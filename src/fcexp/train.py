@@ -69,6 +69,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # Lightning cannot tell that fcexp's loader resumes mid-epoch (MNISTDataModule.train_dataloader); it does.
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    # Where SLURM is installed (a login node), Lightning suggests srun at every run, also for one meant to run there.
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
     # Lightning advertises a cloud logger at every fit, and under SLURM says at every fit and test, on every rank,
     # that it handles SIGUSR1 (fcexp handles SLURM's SIGTERM: RunRecord, plan).
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)
@@ -446,7 +448,11 @@ def interrupted(run_dirs: list[Path], sweep_dir: Path | None) -> None:
         else:
             print(f"interrupted; each of the pack's {len(run_dirs)} runs kept its checkpoint", file=sys.stderr)
         if slurm_job():
-            print(f"if SLURM requeues job {slurm_job()}, it continues from this checkpoint by itself", file=sys.stderr)
+            print(
+                f"SLURM stopped job {slurm_job()}: requeued, it continues from this checkpoint by itself; cancelled, "
+                "the sweep's finish command continues it",
+                file=sys.stderr,
+            )
         elif sweep_dir:
             print(f"finish the sweep with: {finish_sweep_command(sweep_dir)}", file=sys.stderr)
     sys.exit(130)

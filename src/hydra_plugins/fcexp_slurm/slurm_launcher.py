@@ -12,6 +12,8 @@ differs is around them:
 
 import logging
 import math
+import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,15 +55,18 @@ class SlurmLauncher(BaseSubmititLauncher):
         import submitit
 
         from fcexp.conf import refuse
+        from fcexp.record import shell_program
         from fcexp.slurm import check_request
 
         assert self.config is not None
         params = dict(self.params)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
         try:
             partition = check_request(params)
         except ValueError as err:
+            if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+                shutil.rmtree(sweep_dir)  # Hydra made it for this sweep; nothing ran
             refuse(str(err))
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         executor = submitit.AutoExecutor(
             cluster="slurm",
@@ -91,19 +96,25 @@ class SlurmLauncher(BaseSubmititLauncher):
         )
         first = jobs[0].job_id.split("_")[0]  # submitit submits one job as a job, more as an array
         log.info(
-            "submitted %d jobs to partition %s as SLURM %s %s; waiting for them (Ctrl-C stops the wait, not the "
-            "jobs: scancel %s does)",
-            len(jobs),
+            "submitted %s to partition %s as SLURM %s %s; waiting for %s (Ctrl-C stops the wait, not the jobs: "
+            "scancel %s does)",
+            f"{len(jobs)} jobs" if len(jobs) > 1 else "1 job",
             partition,
             "array" if len(jobs) > 1 else "job",
             first,
+            "them" if len(jobs) > 1 else "it",
             first,
         )
-        ended = self._wait(jobs, partition)
-        if ended:
-            from fcexp.train import finish_sweep_command
-
-            log.info("finish the sweep with: %s", finish_sweep_command(sweep_dir.absolute()))
+        try:
+            ended = self._wait(jobs, partition)
+        except KeyboardInterrupt:
+            # Ctrl-C stops only the waiting: one line on what goes on, not a traceback.
+            print(
+                f"stopped waiting; the jobs go on in SLURM (scancel {first} cancels them); compare them when they end "
+                f"with: {shell_program('python')} -m fcexp.compare {sweep_dir}",
+                file=sys.stderr,
+            )
+            sys.exit(130)
         results = skipped | {
             idx: self._result(job, idx, list(o), ended.get(job.job_id))
             for job, (idx, o) in zip(jobs, numbered, strict=True)
@@ -164,10 +175,13 @@ class SlurmLauncher(BaseSubmititLauncher):
                 return job.results()[0]
             except Exception as err:  # submitit's own failure around the job (it could not start Python, say)
                 return self._failed(idx, overrides, "failed", f"SLURM job {job.job_id}: {err}".splitlines()[0])
+        # Cancelled, or stopped with a checkpoint to continue from (its time limit), the comparison ends with the
+        # command that finishes the sweep.
+        status = "cancelled" if ended == "CANCELLED" else "stopped"
         return self._failed(
             idx,
             overrides,
-            "cancelled" if ended == "CANCELLED" else "failed",
+            status,
             f"SLURM ended job {job.job_id} {ended} before it finished; its log: {job.paths.stderr}",
         )
 
@@ -192,20 +206,35 @@ class SlurmLauncher(BaseSubmititLauncher):
         return ret
 
     def _finished(self, idx: int, overrides: list[str]) -> JobReturn | None:
-        """With skip_finished, a job whose run completed before: its score, as the job itself would return it."""
+        """A job whose run completed before, which needs no SLURM job: with skip_finished its score, as the job
+        itself would return it; without, refused as the job would refuse it (a completed run is never redone)."""
         from fcexp.record import RunRecord
 
         sweep_config, run_dir = self._job(idx, overrides)
         previous = RunRecord.load(run_dir)
-        if not sweep_config.skip_finished or previous is None or previous["status"] != "completed":
+        if previous is None or previous["status"] != "completed":
             return None
+        if not sweep_config.skip_finished:
+            log.error(
+                "job %s failed: %s holds a completed run; rerun the sweep with skip_finished=true",
+                run_dir.name,
+                run_dir,
+            )
+            return self._returned(sweep_config, run_dir, math.nan)
         log.info("skipping %s: finished before (skip_finished=true)", run_dir.name)
         return self._returned(sweep_config, run_dir, previous["metrics"]["val/acc_best"])
 
     def _failed(self, idx: int, overrides: list[str], status: str, error: str) -> JobReturn:
-        from fcexp.record import mark
+        """A job that returned no result: its run is marked `status`; "stopped" becomes "interrupted" when the run
+        kept a checkpoint at the step it reached (SIGTERM, the time limit's signal), else "failed"."""
+        from fcexp.record import RunRecord, mark
 
         sweep_config, run_dir = self._job(idx, overrides)
+        if status == "stopped":
+            previous = RunRecord.load(run_dir)
+            status = "interrupted" if previous is not None and previous["status"] == "interrupted" else "failed"
+            if status == "interrupted":  # why it stopped, in its own words, first
+                error = f"{previous['error']}; {error}"
         ret = self._returned(sweep_config, run_dir, math.nan)
         mark(ret.cfg, run_dir, filter_overrides(overrides), status, error)
         log.error("job %s %s: %s", run_dir.name, status, error)
