@@ -80,22 +80,6 @@ def _config_subdir(output_dir: str, resume: str | None) -> str | None:
     return ".hydra/rerun" if (Path(output_dir) / ".hydra" / "config.yaml").is_file() else ".hydra"
 
 
-def gpu_of_job(job_num: int, gpus: int) -> int:
-    """The GPU job `job_num` of a parallel sweep trains on: jobs take the machine's `gpus` GPUs in turn."""
-    return job_num % gpus
-
-
-def job_devices(job_num: int, accelerator: str) -> int | list[int]:
-    # `+launcher=parallel`: each job on a GPU of its own where there are GPUs (else every worker took cuda:0).
-    if accelerator in ("auto", "gpu", "cuda"):
-        import torch
-
-        gpus = torch.cuda.device_count()
-        if gpus:
-            return [gpu_of_job(int(job_num), gpus)]
-    return 1
-
-
 # Cached: Hydra resolves `hydra.run.dir` and `hydra.sweep.dir` more than once (and copies the cache into every
 # job of a sweep), and each must get the folder claimed the first time.
 OmegaConf.register_new_resolver("fcexp.run_dir", _run_dir, use_cache=True, replace=True)
@@ -103,4 +87,3 @@ OmegaConf.register_new_resolver(
     "fcexp.sweep_dir", lambda runs_dir: _new_folder(f"{runs_dir}/sweeps", "runs_dir"), use_cache=True, replace=True
 )
 OmegaConf.register_new_resolver("fcexp.config_subdir", _config_subdir, replace=True)
-OmegaConf.register_new_resolver("fcexp.job_devices", job_devices, replace=True)

@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_check}
 PY=${PY:-.venv/bin/python}
+rm -rf "$OUT"  # a rerun starts clean: a sweep rerun into its folder would refuse its completed jobs
 mkdir -p "$OUT"
 QUIET=(callbacks.progress.refresh_rate=0)
 

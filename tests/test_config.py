@@ -1,14 +1,12 @@
 from importlib.resources import files
 
 import pytest
-import torch
 from conftest import compose_launched
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from fcexp.conf import gpu_of_job, job_devices
-from fcexp.train import compose_config
+from fcexp.train import compose_config, gpu_of_job, spread_over_gpus
 
 CONF = files("fcexp.conf")
 GROUPS = {
@@ -63,9 +61,7 @@ def test_slurm_gpu_presets_compose():
 def test_parallel_jobs_take_the_gpus_in_turn():
     assert [gpu_of_job(i, 4) for i in range(6)] == [0, 1, 2, 3, 0, 1]
     assert [gpu_of_job(i, 1) for i in range(3)] == [0, 0, 0]
-    cfg = compose_launched("+launcher=parallel")
-    devices = OmegaConf.to_container(cfg.trainer)["devices"]
-    assert devices == "${fcexp.job_devices:${hydra:job.num},${trainer.accelerator}}"
-    # On a CPU (this machine, or trainer=cpu anywhere) a job keeps one device.
-    assert job_devices(3, "cpu") == 1
-    assert job_devices(3, "auto") == ([3 % torch.cuda.device_count()] if torch.cuda.is_available() else 1)
+    # Outside a parallel sweep (or on CPU) a trainer keeps its devices.
+    cfg = compose_config("+launcher=parallel")
+    spread_over_gpus(cfg)
+    assert cfg.trainer.devices == 1

@@ -473,7 +473,9 @@ def sweep_command(sweep_dir: Path, without: tuple[str, ...] = ("seed",)) -> list
     if not (sweep_dir / MULTIRUN).is_file():
         return None
     overrides = OmegaConf.load(sweep_dir / MULTIRUN).hydra.overrides
-    launcher = [o for o in overrides.hydra if override_key(o).startswith("hydra.launcher.")]
+    launcher = [
+        o for o in overrides.hydra if override_key(o).startswith(("hydra/", "hydra.launcher.", "hydra.sweeper."))
+    ]
     return [o for o in overrides.task if override_key(o) not in (*without, "skip_finished")] + launcher
 
 

@@ -146,8 +146,9 @@ class Classifier(L.LightningModule):
         self.register_buffer("alive", torch.ones(self.members, dtype=torch.bool), persistent=False)
         self.all_alive = True  # the same, known on the host
         # The step at which each member's loss first stopped being finite (-1: never), kept on the device so that
-        # no step waits for it; read on logging steps.
-        self.register_buffer("diverged_at", torch.full((self.members,), -1), persistent=False)
+        # no step waits for it; read on logging steps. Not a buffer: DDP would overwrite each rank's with rank 0's
+        # at every forward, and a NaN on another rank would go unseen.
+        self.diverged_at = torch.full((self.members,), -1)
         self.member_metrics: list[dict[str, torch.Tensor]] = [{} for _ in range(self.members)]
         self.member_loggers: list = []
         self.test_probs: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -177,6 +178,8 @@ class Classifier(L.LightningModule):
         logits = self.net(x)
         losses = self.losses(logits, y)
         l2 = self.l2_penalties()
+        if self.diverged_at.device != losses.device:  # once: it follows the module to its device
+            self.diverged_at = self.diverged_at.to(losses.device)
         self.diverged_at = torch.where(
             ~torch.isfinite(losses) & (self.diverged_at < 0), self.global_step, self.diverged_at
         )

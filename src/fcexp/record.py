@@ -25,15 +25,13 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from submitit.core.utils import UncompletedJobError
 
 RECORD = "metrics.json"
 CHECKPOINTS = "checkpoints"
 INTERRUPTED = "interrupted.ckpt"
-# What stops a run that is to go on later: Ctrl-C; SIGTERM (SLURM's preemption, requeue or scancel), which
-# Lightning turns into SIGTERMException at the next step; and submitit's signal that a SLURM job nears its time
-# limit (hydra.launcher.signal_delay_s before it), raised as UncompletedJobError when it will not requeue the job.
-INTERRUPTS = (KeyboardInterrupt, SIGTERMException, UncompletedJobError)
+# What stops a run that is to go on later: Ctrl-C, and SIGTERM (SLURM's preemption, requeue, scancel, and, through
+# fcexp.train, submitit's warning of the time limit), which Lightning turns into SIGTERMException at the next step.
+INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
 
 
 def override_key(override: str) -> str:
@@ -164,10 +162,8 @@ def provenance() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[package] = None
     device: dict[str, Any] = {"cpu": _cpu_model(), "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        device |= {"gpus": count, "gpu": [torch.cuda.get_device_name(i) for i in range(count)]}
-        device["cuda"] = torch.version.cuda
+    if torch.cuda.is_available():  # NVML's answer: CUDA stays uninitialised, so ddp_fork can still fork
+        device |= {"gpus": torch.cuda.device_count(), "cuda": torch.version.cuda}
     # `python -m fcexp.train` leaves the module's path in argv[0]; a sweep's workers have their launcher's argv.
     command = fcexp_command(*sys.argv[1:]) if sys.argv and sys.argv[0].endswith("train.py") else None
     return {
@@ -187,9 +183,7 @@ def _reason(error: BaseException) -> str:
         return "Ctrl-C"
     if isinstance(error, SIGTERMException):
         job = slurm_job()
-        return f"SIGTERM (SLURM job {job}: preempted, requeued or cancelled)" if job else "SIGTERM"
-    if isinstance(error, UncompletedJobError):
-        return f"SLURM job {slurm_job()} reached its time limit (hydra.launcher.timeout_min): {error}"
+        return f"SIGTERM (SLURM job {job}: preempted, requeued, cancelled or near its time limit)" if job else "SIGTERM"
     return f"{type(error).__name__}: {error}"
 
 
@@ -256,9 +250,11 @@ class RunRecord(L.Callback):
         if self.resumed:
             self.record["resumes"][-1]["from_step"] = trainer.global_step
         # The device it trains on (which GPU, in a parallel sweep that spreads its jobs over several) and its CPU
-        # threads, as set once the config was read.
-        device = self.record["provenance"]["device"]
-        device["used"], device["threads"] = str(trainer.strategy.root_device), torch.get_num_threads()
+        # threads, as set once the config was read; a resume's, in its own entry.
+        used = {"used": str(trainer.strategy.root_device), "threads": torch.get_num_threads()}
+        if trainer.strategy.root_device.type == "cuda":
+            used["gpu"] = torch.cuda.get_device_name(trainer.strategy.root_device)
+        (self.record["resumes"][-1] if self.resumed else self.record["provenance"]["device"]).update(used)
         self.save()
 
     # An epoch's train and val metrics are all logged only once its last hook has run, so each epoch

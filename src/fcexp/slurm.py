@@ -109,12 +109,13 @@ def check_request(params: Mapping) -> str:
     return partition
 
 
-def queue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+def queue_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
     """Each job (`<id>`) or array task (`<id>_<task>`) of these SLURM jobs and arrays that the controller still
-    knows: its state and, when pending, the reason."""
+    knows: its state and, when pending, the reason. None when squeue could not answer (a busy controller)."""
     done = _query("squeue", "-h", "-r", "--states=all", "-j", ",".join(job_ids), "-o", "%i|%T|%r")
     if done.returncode != 0:
-        return {}  # every job ended long enough ago for the controller to forget it
+        # Every job ended long enough ago for the controller to forget it, or the controller did not answer.
+        return {} if "Invalid job id" in done.stderr else None
     states = {}
     for line in done.stdout.splitlines():
         job, state, reason = line.split("|", 2)

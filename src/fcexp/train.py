@@ -8,6 +8,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import warnings
@@ -25,7 +26,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import fcexp.conf  # noqa: F401  registers the configs' resolvers, also in a sweep's worker processes
 from fcexp.data import DataError
@@ -113,6 +114,24 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str], resume: bool = F
     return result
 
 
+def gpu_of_job(job_num: int, gpus: int) -> int:
+    """The GPU job `job_num` of a parallel sweep trains on: jobs take the machine's `gpus` GPUs in turn."""
+    return job_num % gpus
+
+
+def spread_over_gpus(cfg: DictConfig) -> None:
+    """`+launcher=parallel` (joblib) on a machine with GPUs: a one-device job trains on GPU `gpu_of_job` (each
+    worker would take cuda:0). Other trainers (cpu, ddp, devices set) keep theirs."""
+    if not HydraConfig.initialized() or "joblib" not in str(HydraConfig.get().launcher.get("_target_")):
+        return
+    trainer = cfg.trainer
+    if trainer.accelerator not in ("auto", "gpu", "cuda") or trainer.get("strategy", "auto") != "auto":
+        return
+    if trainer.devices in (1, "1") and torch.cuda.device_count() > 0:
+        with open_dict(trainer):
+            trainer.devices = [gpu_of_job(HydraConfig.get().job.num, torch.cuda.device_count())]
+
+
 def _members_model(cfgs: list[DictConfig]) -> Classifier:
     """One net from its config, or a pack with each member's own knobs, optimizer and seed."""
     factory = instantiate(cfgs[0].model, _partial_=True)
@@ -179,6 +198,7 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
                 f"trainer.accelerator={first.trainer.accelerator} needs CUDA, which this machine lacks; "
                 "use trainer=auto or trainer=cpu"
             )
+        spread_over_gpus(first)
         progress = [instantiate(first.callbacks.progress)] if first.callbacks.get("progress") else []
         trainer = instantiate(
             first.trainer,
@@ -187,6 +207,11 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
             callbacks=[*progress, Members(members)],
             default_root_dir=jobs[0].run_dir,
         )
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            # submitit's warning that the job nears its time limit (SIGUSR2, on every rank) stops the run as SIGTERM
+            # does: Lightning stops every rank at the same step, and the run keeps interrupted.ckpt. submitit's own
+            # handler raised mid-step on rank 0 only, which left a DDP job waiting for its other ranks.
+            signal.signal(signal.SIGUSR2, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
         with tempfile.TemporaryDirectory(prefix="fcexp-resume-") as tmp:
             ckpt_path = None
             if resumed[0] is not None:

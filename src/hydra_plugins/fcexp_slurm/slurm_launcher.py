@@ -12,7 +12,7 @@ differs is around them:
 
 import logging
 import math
-import shutil
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -64,8 +64,9 @@ class SlurmLauncher(BaseSubmititLauncher):
         try:
             partition = check_request(params)
         except ValueError as err:
-            if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
-                shutil.rmtree(sweep_dir)  # Hydra made it for this sweep; nothing ran
+            if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} == {"multirun.yaml"}:
+                (sweep_dir / "multirun.yaml").unlink()  # Hydra wrote it for this sweep; nothing ran
+                sweep_dir.rmdir()
             refuse(str(err))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         executor = submitit.AutoExecutor(
@@ -111,7 +112,7 @@ class SlurmLauncher(BaseSubmititLauncher):
             # Ctrl-C stops only the waiting: one line on what goes on, not a traceback.
             print(
                 f"stopped waiting; the jobs go on in SLURM (scancel {first} cancels them); compare them when they end "
-                f"with: {shell_program('python')} -m fcexp.compare {sweep_dir}",
+                f"with: {shell_program('python')} -m fcexp.compare {shlex.quote(str(sweep_dir.absolute()))}",
                 file=sys.stderr,
             )
             sys.exit(130)
@@ -132,6 +133,9 @@ class SlurmLauncher(BaseSubmititLauncher):
         last_report = time.monotonic()
         while waiting:
             states = queue_states(arrays)
+            if states is None:  # no answer this time: nothing is concluded from it
+                time.sleep(self.poll_s)
+                continue
             seen |= states.keys()
             for job_id, job in list(waiting.items()):
                 state = states.get(job_id, ("", ""))[0]
