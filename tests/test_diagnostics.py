@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fcexp.callbacks import GradientNorms, UnitHealth, record_activations, unit_stats
+from fcexp.callbacks import GradientNorms, UnitHealth, measured_net, record_activations, unit_stats
 from fcexp.data import MNISTDataModule
 from fcexp.module import Classifier
 from fcexp.train import compose_config, train
@@ -134,6 +134,23 @@ def test_unit_stats_on_known_activations():
     assert stats["saturated"] == pytest.approx(2 / 3)
     assert stats["inactive"] == pytest.approx(2 / 3)  # pre-activations 0 and -5 are <= 0
     assert stats["dead"] == pytest.approx(1 / 3) and stats["sparsity"] == pytest.approx(1 / 3)  # tanh(0) = 0
+
+
+def test_diagnostics_read_a_compiled_net_as_an_uncompiled_one():
+    """model.compile=true compiles the pack's forward; the diagnostics measure a member view (an nn.Sequential of
+    views of the pack's tensors), never the compiled call, so their hooks see the same activations either way."""
+    x = torch.randn(16, 784)
+    readings = []
+    for compile in (True, False):
+        torch.manual_seed(0)
+        module = Classifier(hidden=[32, 16], activation={"name": "tanh"}, batch_norm=[False, True], compile=compile)
+        assert (getattr(module.net, "_compiled_call_impl", None) is not None) == compile
+        net = measured_net(module)
+        assert getattr(net, "_compiled_call_impl", None) is None
+        readings.append([(pre, post) for _, pre, post in record_activations(net, x)])
+    assert len(readings[0]) == 2
+    for (pre_c, post_c), (pre, post) in zip(*readings, strict=True):
+        assert torch.equal(pre_c, pre) and torch.equal(post_c, post)
 
 
 def test_diagnostics_switch_off_one_by_one_or_all():
