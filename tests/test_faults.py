@@ -147,8 +147,8 @@ def scalar_steps(event_file: Path) -> dict[str, list[int]]:
     return steps
 
 
-# 300 steps an epoch, so that a kill lands inside an epoch, after the first checkpoint and its flushed events.
-KILLABLE = [*QUICK, "data.limit_train=38400", "trainer.max_epochs=2", "trainer.log_every_n_steps=10"]
+# 200 steps an epoch, so that a kill lands inside an epoch, after the first checkpoint and its flushed events.
+KILLABLE = [*QUICK, "data.limit_train=25600", "trainer.max_epochs=2", "trainer.log_every_n_steps=10"]
 
 
 @pytest.mark.slow
@@ -192,11 +192,11 @@ def test_killed_run_resumes_where_its_checkpoint_left_off(tmp_path, mnist_root):
     assert shown.Tags()["scalars"] == expected.Tags()["scalars"]
     for tag in expected.Tags()["scalars"]:
         assert [e.step for e in shown.Scalars(tag)] == [e.step for e in expected.Scalars(tag)], tag
-    assert [e.step for e in shown.Scalars("train/loss_step")] == list(range(0, 600, 10))
+    assert [e.step for e in shown.Scalars("train/loss_step")] == list(range(0, 400, 10))
 
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "completed"
-    assert [(h["epoch"], h["step"]) for h in record["history"]] == [(0, 300), (1, 600)]
+    assert [(h["epoch"], h["step"]) for h in record["history"]] == [(0, 200), (1, 400)]
     assert record["resumes"][0]["from_step"] == ckpt_step
     assert record["wall_time_s"] > killed["wall_time_s"]  # the clock continues
     assert list((tmp_path / "runs").iterdir()) == [run_dir]  # no second run folder
