@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA_ROOT, compose_launched, printed, run_cli, run_printed, start_cli
+from conftest import DATA_ROOT, printed, run_cli, run_printed, start_cli
 from omegaconf import OmegaConf
 
 from fcexp.slurm import check_request, describe, queue_states
+from fcexp.train import compose_config
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +104,7 @@ def test_a_request_no_node_can_meet_is_refused_before_submission(slurm, tmp_path
         assert str(err.value) == message
     # The GPU presets ask this CPU-only cluster for GPUs: refused before anything is submitted.
     for preset, gpus in (("slurm_gpu", 1), ("slurm_ddp", 2)):
-        cfg = compose_launched(f"+launcher={preset}", f"hydra.launcher.tasks_per_node={gpus}")
+        cfg = compose_config(f"+launcher={preset}", f"hydra.launcher.tasks_per_node={gpus}", with_hydra=True)
         params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True) | {"cpus_per_task": 1, "mem_gb": 1}
         with pytest.raises(ValueError, match=f"no node in partition debug has {gpus} GPUs"):
             check_request(params)
@@ -113,7 +114,9 @@ def test_a_pending_job_says_why_it_waits(slurm, tmp_path, monkeypatch):
     """What the launcher reports while it waits, from a real squeue (the launcher's wait loop reports in the sweep
     test below): a job in a partition that is down."""
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
-    submitted = slurm.run("sbatch", "--parsable", "-p", "down", "-c", "1", "--mem=100", "--wrap", "true")
+    submitted = slurm.run(
+        "sbatch", "--parsable", "-p", "down", "-c", "1", "--mem=100", "-o", "/dev/null", "--wrap", "true"
+    )
     job = submitted.stdout.strip()
     try:
         states = wait_until(lambda: (found := queue_states([job])) and found[job][1] != "None" and found, "a reason")
