@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
-from omegaconf import DictConfig
 from slurm_cluster import SlurmCluster, missing_programs
 
 from fcexp.data import ensure_mnist
@@ -24,12 +22,6 @@ QUICK = ["data.limit_train=12800", "trainer.max_epochs=3", "callbacks.progress.r
 def mnist_root() -> str:
     ensure_mnist(DATA_ROOT)
     return DATA_ROOT
-
-
-def compose_launched(*overrides: str) -> DictConfig:
-    """The config with Hydra's own part (hydra.launcher), as a multirun with these overrides would compose it."""
-    with initialize_config_module("fcexp.conf", version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
 def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

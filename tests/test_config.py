@@ -1,7 +1,6 @@
 from importlib.resources import files
 
 import pytest
-from conftest import compose_launched
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -46,11 +45,11 @@ def test_short_overrides_reach_the_net():
 
 
 def test_slurm_gpu_presets_compose():
-    gpu = compose_launched("+launcher=slurm_gpu")
+    gpu = compose_config("+launcher=slurm_gpu", with_hydra=True)
     assert gpu.hydra.launcher._target_ == "hydra_plugins.fcexp_slurm.slurm_launcher.SlurmLauncher"
     assert gpu.hydra.launcher.gpus_per_node == 1 and gpu.hydra.launcher.tasks_per_node == 1
     assert gpu.trainer.accelerator == "gpu" and gpu.trainer.devices == 1
-    ddp = compose_launched("+launcher=slurm_ddp", "hydra.launcher.tasks_per_node=8")
+    ddp = compose_config("+launcher=slurm_ddp", "hydra.launcher.tasks_per_node=8", with_hydra=True)
     assert ddp.hydra.launcher.gpus_per_node == 8  # one GPU per task
     assert ddp.trainer.strategy == "ddp" and ddp.trainer.accelerator == "gpu"
     # Read in the job, where hydra: resolves: as many devices as SLURM tasks, which Lightning requires.

@@ -251,10 +251,11 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
     return results
 
 
-def compose_config(*overrides: str) -> DictConfig:
-    """The config `python -m fcexp.train <overrides>` would run, composed outside the command (scripts, tests)."""
+def compose_config(*overrides: str, with_hydra: bool = False) -> DictConfig:
+    """The config `python -m fcexp.train <overrides>` would run, composed outside the command (scripts, tests);
+    `with_hydra` keeps Hydra's own part (hydra.launcher, …) as a multirun would compose it."""
     with initialize_config_module("fcexp.conf", version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return compose("train", overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 def resumed_config(previous: dict, extra: list[str]) -> tuple[DictConfig, list[str]]:

@@ -210,23 +210,18 @@ class SlurmLauncher(BaseSubmititLauncher):
         return ret
 
     def _finished(self, idx: int, overrides: list[str]) -> JobReturn | None:
-        """A job whose run completed before, which needs no SLURM job: with skip_finished its score, as the job
-        itself would return it; without, refused as the job would refuse it (a completed run is never redone)."""
-        from fcexp.record import RunRecord
+        """A job that needs no SLURM job, as fcexp.train.plan decides it would: one that completed before, with
+        skip_finished its score, without it refused (a completed run is never redone)."""
+        from fcexp.train import Job, plan
 
         sweep_config, run_dir = self._job(idx, overrides)
-        previous = RunRecord.load(run_dir)
-        if previous is None or previous["status"] != "completed":
-            return None
-        if not sweep_config.skip_finished:
-            log.error(
-                "job %s failed: %s holds a completed run; rerun the sweep with skip_finished=true",
-                run_dir.name,
-                run_dir,
-            )
+        task_config = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
+        try:
+            planned = plan(task_config, run_dir, filter_overrides(overrides), run_dir.parent)
+        except ValueError as err:
+            log.error("job %s failed: %s", run_dir.name, err)
             return self._returned(sweep_config, run_dir, math.nan)
-        log.info("skipping %s: finished before (skip_finished=true)", run_dir.name)
-        return self._returned(sweep_config, run_dir, previous["metrics"]["val/acc_best"])
+        return None if isinstance(planned, Job) else self._returned(sweep_config, run_dir, planned)
 
     def _failed(self, idx: int, overrides: list[str], status: str, error: str) -> JobReturn:
         """A job that returned no result: its run is marked `status`; "stopped" becomes "interrupted" when the run
