@@ -1,11 +1,14 @@
+import sys
 from importlib.resources import files
 
 import pytest
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from fcexp.train import compose_config, gpu_of_job, spread_over_gpus
+from fcexp.net import make_activation
+from fcexp.train import compose_config, gpu_of_job, main, spread_over_gpus
 
 CONF = files("fcexp.conf")
 GROUPS = {
@@ -64,3 +67,30 @@ def test_parallel_jobs_take_the_gpus_in_turn():
     cfg = compose_config("+launcher=parallel")
     spread_over_gpus(cfg)
     assert cfg.trainer.devices == 1
+
+
+def test_help_lists_the_callback_sets_only(capsys, monkeypatch):
+    """`--help` names each config group's options: for callbacks, the sets a run can be given (each keeps its
+    checkpoints), not the pieces they are made of."""
+    monkeypatch.setattr(sys, "argv", ["fcexp.train", "--help"])
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit):
+        main()
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("callbacks: ")]
+    assert line == "callbacks: default, plain"
+    for option in GROUPS["callbacks"]:
+        assert compose_config(f"callbacks={option}").callbacks.last is not None
+
+
+@pytest.mark.parametrize("option", GROUPS["activation"])
+def test_every_activation_setting_is_the_torch_layers_own(option):
+    """Each conf/activation file lists its layer's settings, so `activation.<setting>=…` needs no `+`."""
+    cfg = compose_config(f"activation={option}")
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.activation).items() if k != "name"}
+    layer = make_activation(cfg.activation)
+    assert all(getattr(layer, k, None) == v or k in ("num_parameters", "init") for k, v in settings.items())
+
+
+def test_gelu_takes_its_approximation_as_a_plain_override():
+    layer = make_activation(compose_config("activation=gelu", "activation.approximate=tanh").activation)
+    assert layer.approximate == "tanh"

@@ -212,6 +212,9 @@ class TensorLoader:
             yield self.x[j], self.y[j]
 
 
+TRAIN_IMAGES = 60_000  # MNIST's training set, of which data.val_size validate
+
+
 class MNISTDataModule(L.LightningDataModule):
     """MNIST as the seed prepares it: pixels normalized, labels one-hot; the last 10,000 training images validate."""
 
@@ -234,10 +237,14 @@ class MNISTDataModule(L.LightningDataModule):
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
-        if not 0 < val_size < 60_000:
-            raise ValueError(f"data.val_size must be between 1 and 59999, got {val_size!r}")
-        if limit_train is not None and limit_train <= 0:
-            raise ValueError(f"data.limit_train must be a positive integer or null, got {limit_train!r}")
+        if not 0 < val_size < TRAIN_IMAGES:
+            raise ValueError(f"data.val_size must be between 1 and {TRAIN_IMAGES - 1}, got {val_size!r}")
+        left = TRAIN_IMAGES - val_size  # the training images beside the validation split
+        if limit_train is not None and not 0 < limit_train <= left:
+            raise ValueError(
+                f"data.limit_train must be from 1 to {left} (the training images beside data.val_size={val_size}) "
+                f"or null, got {limit_train!r}"
+            )
         if not 0 <= seed < 2**32:
             raise ValueError(
                 f"data.seed must be an integer from 0 to {2**32 - 1} (normally the run's seed), got {seed}"

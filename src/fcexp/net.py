@@ -54,9 +54,16 @@ def make_activation(spec: ActivationSpec) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
     try:
-        return ACTIVATIONS[name](**params)
-    except TypeError as err:
-        raise ValueError(f"activation {name!r} does not take {params}: {err}") from None
+        layer = ACTIVATIONS[name](**params)
+        # Some settings are refused only when applied (gelu's approximate): apply it once, to a unit per parameter.
+        layer(torch.zeros(1, getattr(layer, "num_parameters", 1)))
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"activation {name!r} does not take {params}: {_first_line(err)}") from None
+    return layer
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _is_list(value: Any) -> bool:

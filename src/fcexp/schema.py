@@ -68,6 +68,12 @@ class ELU(Activation):
 @dataclass
 class Softplus(Activation):
     beta: float = MISSING
+    threshold: float = MISSING
+
+
+@dataclass
+class GELU(Activation):
+    approximate: str = MISSING
 
 
 @dataclass
@@ -200,7 +206,7 @@ class Train:
     runs_dir: str = MISSING
 
 
-ACTIVATIONS = {"leaky_relu": LeakyReLU, "elu": ELU, "softplus": Softplus, "prelu": PReLU}
+ACTIVATIONS = {"leaky_relu": LeakyReLU, "elu": ELU, "softplus": Softplus, "prelu": PReLU, "gelu": GELU}
 OPTIMIZERS = {
     "torch.optim.Adam": Adam,
     "torch.optim.AdamW": AdamW,
