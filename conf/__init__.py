@@ -42,8 +42,8 @@ def refuse(message: str) -> None:
 
 
 def _new_folder(parent: object, key: str) -> str:
-    if not isinstance(parent, str):
-        refuse(f"{key} must be a string (a folder), got {parent!r}")
+    if not isinstance(parent, str) or not parent.strip():
+        refuse(f"{key} must be a folder (e.g. {key}=runs), got {parent!r}")
     try:
         return str(claim_folder(parent))
     except OSError as err:
@@ -71,12 +71,17 @@ def _config_subdir(output_dir: str, resume: str | None) -> str | None:
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) > 0:
         return None
     # A second invocation in a run's folder (a resume, a sweep rerun) keeps the config the run started with, and
-    # one refused (the folder holds a completed run) or skipped (skip_finished) writes nothing there.
+    # one refused (the folder holds a completed run) or skipped (skip_finished) writes nothing there. A resume
+    # writes its config itself (.hydra/resumed), once its checks have passed and it trains.
     if resume:
-        return ".hydra/resumed"
-    record = Path(output_dir) / "metrics.json"
-    if record.is_file() and json.loads(record.read_text()).get("status") == "completed":
         return None
+    record = Path(output_dir) / "metrics.json"
+    if record.is_file():
+        try:
+            if json.loads(record.read_text()).get("status") == "completed":
+                return None
+        except (OSError, ValueError, AttributeError):
+            return None  # a damaged record: the run refuses it (fcexp.record.RunRecord.load) and writes nothing
     return ".hydra/rerun" if (Path(output_dir) / ".hydra" / "config.yaml").is_file() else ".hydra"
 
 

@@ -100,14 +100,46 @@ def unit_stats(activation: nn.Module, pre: torch.Tensor, post: torch.Tensor, sat
     }
 
 
-class EpochLines(ProgressBar):
-    """The progress display for a log file: one line per epoch with its losses, accuracy and elapsed time."""
+class EpochLine:
+    """One line per epoch: its losses, accuracy and elapsed time. train.log holds it wherever stdout goes."""
 
     def __init__(self):
-        super().__init__()
-        self.enabled = True
         self.started = 0.0
         self.first_epoch = self.printed = -1
+
+    def start(self, trainer: L.Trainer) -> None:
+        self.started = time.monotonic()
+        self.first_epoch = trainer.current_epoch  # a resumed run prints only the epochs it trains
+
+    def text(self, trainer: L.Trainer, epoch: int) -> str | None:
+        """Epoch `epoch`'s line, once; None before it has its metrics or once it was given."""
+        m = trainer.callback_metrics
+        if epoch < max(self.first_epoch, self.printed + 1) or "val/acc" not in m:
+            return None
+        self.printed = epoch
+        members = getattr(trainer.lightning_module, "members", 1)
+        return (
+            f"epoch {epoch + 1}/{trainer.max_epochs}{f' (means of a pack of {members})' if members > 1 else ''}: "
+            f"train loss {m.get('train/loss', float('nan')):.4f}, val loss {m['val/loss']:.4f}, "
+            f"val acc {m['val/acc']:.4f}, {time.monotonic() - self.started:.1f} s"
+        )
+
+
+def _to_log_files(text: str) -> None:
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+class EpochLines(ProgressBar):
+    """The progress display for a log file: one line per epoch (EpochLine), to stdout (unless not `console`) and
+    train.log."""
+
+    def __init__(self, console: bool = True):
+        super().__init__()
+        self.enabled, self.console = True, console
+        self.line = EpochLine()
 
     def disable(self) -> None:  # Lightning disables the display on every rank but 0
         self.enabled = False
@@ -116,8 +148,7 @@ class EpochLines(ProgressBar):
         self.enabled = True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.started = time.monotonic()
-        self.first_epoch = trainer.current_epoch  # a resumed run prints only the epochs it trains
+        self.line.start(trainer)
 
     # As in RunRecord: an epoch's train metrics are logged after its last hook, so it is printed when the next
     # one starts, and the last one when training ends.
@@ -128,33 +159,45 @@ class EpochLines(ProgressBar):
         self._print(trainer, trainer.current_epoch - 1)
 
     def _print(self, trainer: L.Trainer, epoch: int) -> None:
-        m = trainer.callback_metrics
-        if not self.enabled or epoch < max(self.first_epoch, self.printed + 1) or "val/acc" not in m:
-            return
-        self.printed = epoch
-        members = getattr(trainer.lightning_module, "members", 1)
-        log.info(
-            "epoch %d/%d%s: train loss %.4f, val loss %.4f, val acc %.4f, %.1f s",
-            epoch + 1,
-            trainer.max_epochs,
-            f" (means of a pack of {members})" if members > 1 else "",
-            m.get("train/loss", float("nan")),
-            m["val/loss"],
-            m["val/acc"],
-            time.monotonic() - self.started,
-        )
+        if self.enabled and (text := self.line.text(trainer, epoch)):
+            log.info(text) if self.console else _to_log_files(text)
+
+
+class TerminalBars(TQDMProgressBar):
+    """tqdm's bars for a terminal, which show each epoch there; its line (EpochLine) goes to train.log only."""
+
+    def __init__(self, refresh_rate: int):
+        super().__init__(refresh_rate=refresh_rate)
+        self.line = EpochLine()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.line.start(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._write(trainer, trainer.current_epoch - 1)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._write(trainer, trainer.current_epoch - 1)
+
+    def _write(self, trainer: L.Trainer, epoch: int) -> None:
+        if trainer.is_global_zero and (text := self.line.text(trainer, epoch)):
+            _to_log_files(text)
 
 
 def progress_bar(refresh_rate: int = 25) -> ProgressBar:
-    """tqdm's bars on a terminal; when stdout goes to a file, one line per epoch instead of a bar's redraws.
+    """tqdm's bars on a terminal; when stdout goes to a file, one line per epoch instead of a bar's redraws. Either
+    way train.log holds one line per epoch.
 
-    `refresh_rate` is in steps; 0 turns the progress display off.
+    `refresh_rate` is in steps; 0 turns the progress display off (the epoch lines still go to train.log).
     """
     if not isinstance(refresh_rate, int) or refresh_rate < 0:
         raise ValueError(f"callbacks.progress.refresh_rate must be an integer >= 0 (0: off), got {refresh_rate!r}")
-    if sys.stdout.isatty() or refresh_rate == 0:
-        return TQDMProgressBar(refresh_rate=refresh_rate)
-    return EpochLines()
+    if sys.stdout.isatty():
+        return TerminalBars(refresh_rate)
+    return EpochLines(console=refresh_rate > 0)
 
 
 class GradientNorms(L.Callback):

@@ -1,4 +1,5 @@
-"""`python -m fcexp.evaluate ckpt_path=<file>`: test loss and accuracy of a saved run, on its own data settings."""
+"""`python -m fcexp.evaluate ckpt_path=<file or run folder>`: test loss and accuracy of a saved run, on its own data
+settings."""
 
 from __future__ import annotations
 
@@ -7,22 +8,46 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fcexp.data import DataError, MNISTDataModule
 from fcexp.module import Classifier
+from fcexp.record import CHECKPOINTS, RECORD, quote_paths, read_checkpoint, resume_checkpoint
 from fcexp.train import quiet_lightning
+
+USAGE = "usage: python -m fcexp.evaluate ckpt_path=<checkpoint file or run folder> [data_root=<folder>]"
+
+
+def checkpoint_of(ckpt_path: str | Path) -> Path:
+    """The checkpoint to evaluate: the file given, or a run folder's newest checkpoint that loads."""
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        if not (path / RECORD).is_file():
+            raise ValueError(f"ckpt_path {str(path)!r} is a folder but not a run's; give a .ckpt file or a run folder")
+        found, skipped = resume_checkpoint(path)
+        if found is None:
+            reasons = f": {'; '.join(skipped)}" if skipped else ""
+            raise ValueError(f"run {str(path)!r} has no checkpoint that loads in {CHECKPOINTS}/{reasons}")
+        return found
+    if not path.is_file():
+        raise ValueError(f"ckpt_path {str(path)!r} is not a file; runs keep theirs in <run folder>/checkpoints/")
+    return path
 
 
 def evaluate(ckpt_path: str | Path, trainer_cfg: DictConfig, data_root: str | None = None) -> dict[str, float]:
     """Test metrics of a checkpoint; model and data settings (normalization, labels) come from the checkpoint."""
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"ckpt_path {str(path)!r} is not a file; runs keep theirs in <run folder>/checkpoints/")
+    path = checkpoint_of(ckpt_path)
+    read_checkpoint(path)  # one line naming the file when it is damaged, foreign or from a newer fcexp
     model = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     overrides = {"root": data_root} if data_root else {}
     datamodule = MNISTDataModule.load_from_checkpoint(path, weights_only=True, **overrides)
-    trainer = instantiate(trainer_cfg, logger=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer = instantiate(
+        trainer_cfg,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=sys.stderr.isatty(),  # a bar's redraws are for a terminal, not a log file
+    )
     (metrics,) = trainer.test(model, datamodule=datamodule, verbose=False)
     return metrics
 
@@ -30,6 +55,9 @@ def evaluate(ckpt_path: str | Path, trainer_cfg: DictConfig, data_root: str | No
 @hydra.main(version_base="1.3", config_path="pkg://fcexp.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     quiet_lightning()
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
     try:
         metrics = evaluate(cfg.ckpt_path, cfg.trainer, cfg.data_root)
     except (ValueError, DataError) as err:
@@ -39,4 +67,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = quote_paths(sys.argv[1:])
     main()

@@ -15,6 +15,7 @@ import torch
 from torchmetrics import Metric
 
 from fcexp.net import OUTPUT_ACTIVATIONS, PackedMLP, check_hidden, check_per_layer, per_layer
+from fcexp.record import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_KEY
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -152,6 +153,9 @@ class Classifier(L.LightningModule):
         self.member_metrics: list[dict[str, torch.Tensor]] = [{} for _ in range(self.members)]
         self.member_loggers: list = []
         self.test_probs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_FORMAT_KEY] = CHECKPOINT_FORMAT  # what fcexp.record.read_checkpoint checks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits: (batch, classes) for a single net, (members, batch, classes) for a pack."""

@@ -8,12 +8,16 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import zipfile
 from collections.abc import Mapping
 from datetime import datetime
 from importlib import metadata
@@ -22,6 +26,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +34,9 @@ from omegaconf import DictConfig, OmegaConf
 RECORD = "metrics.json"
 CHECKPOINTS = "checkpoints"
 INTERRUPTED = "interrupted.ckpt"
+# The layout of fcexp's checkpoints, stamped into each (fcexp.module.Classifier.on_save_checkpoint): a newer fcexp that
+# changes it raises the number, and this one refuses such a file by name instead of misreading it.
+CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_KEY = 1, "fcexp_checkpoint_format"
 # What stops a run that is to go on later: Ctrl-C, and SIGTERM (SLURM's preemption, requeue, scancel, and, through
 # fcexp.train, submitit's warning of the time limit), which Lightning turns into SIGTERMException at the next step.
 INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
@@ -76,15 +84,91 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     os.replace(tmp, path)  # readers (compare on a running sweep) never see half a file
 
 
-def resume_checkpoint(run_dir: Path) -> Path | None:
-    """The newest of a run's resumable checkpoints: `last` (end of an epoch) or `interrupted` (Ctrl-C, SIGTERM)."""
-    found = [p for p in (run_dir / CHECKPOINTS / "last.ckpt", run_dir / CHECKPOINTS / INTERRUPTED) if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+class CheckpointError(ValueError):
+    """A checkpoint fcexp cannot continue or evaluate: truncated, damaged, foreign, or from a newer fcexp."""
+
+
+def _first_line(err: BaseException) -> str:
+    line = next((x.strip() for x in str(err).splitlines() if x.strip()), type(err).__name__)
+    return line if len(line) <= 120 else line[:117] + "..."
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's content, checked to be fcexp's and readable by this fcexp; else CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, KeyError, … for what is not a checkpoint
+        # torch writes zip archives: one cut short (a kill during a save) has lost its directory at the end.
+        why = _first_line(err).split(". ")[0] if zipfile.is_zipfile(path) else "truncated, damaged or not a checkpoint"
+        raise CheckpointError(f"{path} does not load ({why})") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "hidden" not in hparams or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not an fcexp checkpoint (it holds no fcexp net)")
+    written = checkpoint.get(CHECKPOINT_FORMAT_KEY, 1)
+    if written > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is in checkpoint format {written}, from a newer fcexp (this one reads up to "
+            f"{CHECKPOINT_FORMAT}); update fcexp to use it"
+        )
+    return checkpoint
+
+
+def resume_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest of a run's checkpoints that loads (`last`, `interrupted` or `best-*`: each holds the whole training
+    state), and why each newer one was skipped."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True) if folder.is_dir() else []
+    skipped = []
+    for path in found:
+        try:
+            read_checkpoint(path)
+        except CheckpointError as err:
+            skipped.append(str(err))
+            continue
+        return path, skipped
+    return None, skipped
 
 
 def checkpoint_step(path: Path) -> int:
     """The number of optimizer steps a checkpoint has taken: where a run resumed from it continues."""
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all: a temporary file in the checkpoint's own folder, then a rename, so
+    that a kill during a save (Ctrl-C twice, SIGKILL, a node failure) leaves the previous file intact. Lightning's
+    own save goes through a temporary file in the system's temp folder, and its move onto another file system
+    (/tmp local, runs on NFS) is a copy that a kill cuts short.
+
+    `in_memory` maps a path to the checkpoint that loading it gives instead: a pack resumes from its members'
+    checkpoints merged in memory (fcexp.train.train_pack), with no file written for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_memory: dict[str, dict[str, Any]] = {}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-save
+            stale.unlink(missing_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if str(path) in self.in_memory:
+            return self.in_memory.pop(str(path))
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
 def shell_program(name: str) -> str:
@@ -102,7 +186,28 @@ def override(key: str, value: object) -> str:
     """`key=value` as Hydra parses it: a value with Hydra's special characters (a sweep job's folder has `=` and `,`)
     goes in quotes."""
     text = str(value)
-    return f'{key}="{text}"' if any(c in text for c in "=,:[]{}()'\" ") else f"{key}={text}"
+    if not any(c in text for c in "=,:[]{}()'\" \\"):
+        return f"{key}={text}"
+    quote = "'" if "'" not in text or '"' in text else '"'
+    # Hydra's escapes inside quotes: the quote itself, and backslashes before a quote or the closing one, doubled.
+    escaped = re.sub(rf"(\\+)(?={quote}|$)", lambda m: m.group(1) * 2, text).replace(quote, "\\" + quote)
+    return f"{key}={quote}{escaped}{quote}"
+
+
+# The settings that take a file or folder: on the command line, each is the path the shell gave (quote_paths).
+PATH_KEYS = ("ckpt_path", "resume", "hydra.run.dir", "hydra.sweep.dir", "runs_dir", "data.root", "data_root")
+
+
+def quote_paths(args: list[str]) -> list[str]:
+    """Command-line arguments with every path value (PATH_KEYS) in Hydra's quotes, so that a path arrives as typed:
+    a sweep job's folder holds `=` and `,`, which Hydra would read as syntax, and a folder may hold spaces. A value
+    the user quoted already is left as it is."""
+    quoted = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        bare = value and not (len(value) > 1 and value[0] == value[-1] and value[0] in "'\"")
+        quoted.append(override(key, value) if sep and key.lstrip("+") in PATH_KEYS and bare else arg)
+    return quoted
 
 
 def fcexp_command(*args: str) -> str:
@@ -155,8 +260,9 @@ def requeued(previous: Mapping[str, Any]) -> bool:
 
 def provenance() -> dict[str, Any]:
     """What reproducing a run needs besides its config: the command, code version, libraries, device and host."""
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "lightning", "hydra-core", "torchmetrics", "fcexp"):
+    # torch as it names its own build (2.14.1+cu130 and 2.14.1+cpu differ), and the CUDA it was built for.
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    for package in ("lightning", "hydra-core", "torchmetrics", "fcexp"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -187,6 +293,13 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+class RecordError(ValueError):
+    """A metrics.json that cannot be read: damaged, or not a run record."""
+
+
+RECORD_KEYS = {"status", "overrides", "hparams", "history", "metrics"}
+
+
 class RunRecord(L.Callback):
     """Keeps metrics.json current: status "running" with the history so far, then the final result.
 
@@ -194,13 +307,23 @@ class RunRecord(L.Callback):
     an uninterrupted one (the data order is a function of seed and epoch alone).
     """
 
-    def __init__(self, run_dir: Path, overrides: list[str], resume: bool = False):
+    def __init__(
+        self,
+        run_dir: Path,
+        overrides: list[str],
+        resume: bool = False,
+        config: DictConfig | None = None,
+        pack: int = 1,
+    ):
+        """`config`: what a resume trains with, kept in .hydra/resumed once it trains (the run's first config stays
+        in .hydra). `pack`: the members of the pack the run trains in; its wall time is its share of the pack's."""
+        self.config, self.pack = config, pack
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / RECORD
         self.run_dir.mkdir(parents=True, exist_ok=True)
         previous = self.load(run_dir) if resume else None
         # A resumed run keeps its history, provenance and hyperparameters and adds to its wall time.
-        self.started = time.time() - (previous["wall_time_s"] if previous else 0.0)
+        self.started, self.before = time.time(), previous["wall_time_s"] if previous else 0.0
         self.record: dict[str, Any] = {
             "status": "running",
             "overrides": overrides,
@@ -216,6 +339,9 @@ class RunRecord(L.Callback):
             self.record["resumes"].append(
                 {k: v for k, v in provenance().items() if k in ("command", "host", "slurm_job", "started")}
             )
+        # A new run is recorded at once; a resumed one only once it trains: a resume refused or failing before that
+        # leaves the record as it was (a completed run's results stay).
+        self.writing = not self.resumed
         self.save()
 
     def describe(self, hparams: Mapping[str, Any]) -> None:
@@ -224,11 +350,25 @@ class RunRecord(L.Callback):
 
     @staticmethod
     def load(run_dir: Path) -> dict[str, Any] | None:
+        """A run's record; None where it has none yet; RecordError naming the file where it cannot be read."""
         path = Path(run_dir) / RECORD
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as err:  # ValueError: bad JSON, or bytes that are not UTF-8
+            raise RecordError(f"{path} is damaged ({_first_line(err)})") from None
+        if not isinstance(record, dict) or not record.keys() >= RECORD_KEYS:
+            raise RecordError(f"{path} is not an fcexp run record (it lacks {', '.join(sorted(RECORD_KEYS))})")
+        return record
 
     def save(self) -> None:
-        self.record["wall_time_s"] = round(time.time() - self.started, 3)
+        if not self.writing:
+            return
+        elapsed = time.time() - self.started
+        self.record["wall_time_s"] = round(self.before + elapsed / self.pack, 3)
+        if self.pack > 1:  # what the whole pack took, this process's part of it (a resume adds its own)
+            self.record["pack"] = {"members": self.pack, "wall_time_s": round(elapsed, 3)}
         if rank_zero_only.rank == 0:
             write_json(self.path, self.record)
 
@@ -245,6 +385,12 @@ class RunRecord(L.Callback):
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.resumed and not self.writing and self.config is not None and rank_zero_only.rank == 0:
+            kept = self.run_dir / ".hydra" / "resumed"
+            kept.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.config, kept / "config.yaml")
+            OmegaConf.save(OmegaConf.create(self.record["overrides"]), kept / "overrides.yaml")
+        self.writing = True
         # Epochs a killed run recorded after its newest checkpoint are trained again: they are recorded again.
         self.record["history"] = [h for h in self.record["history"] if h["step"] <= trainer.global_step]
         if self.resumed:
@@ -294,6 +440,44 @@ class RunRecord(L.Callback):
         self.record["metrics"] = {k: _scalar(v) for k, v in metrics.items()}
         self.save()
         return self.record
+
+
+class StepBoundaryCtrlC(L.Callback):
+    """While training, Ctrl-C takes effect at the next step or validation batch, so the checkpoint it leaves
+    (RunRecord.on_exception) holds whole steps: the weights, optimizer moments, epoch sums and random state of the
+    last step done, from which a resumed run draws the same dropout masks as an uninterrupted one. Pressed again, it
+    stops at once."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.previous: Any = None
+
+    def _press(self, signum: int, frame: Any) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def _stop_if_pressed(self, *args: Any) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread
+            self.previous = signal.signal(signal.SIGINT, self._press)
+
+    on_train_batch_start = on_validation_batch_start = _stop_if_pressed
+
+    def _restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+        self._stop_if_pressed()  # pressed in the last validation: the run stops before its test
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
 
 
 def mark(cfg: DictConfig, run_dir: Path, overrides: list[str], status: str, error: str) -> None:

@@ -10,7 +10,6 @@ import shlex
 import shutil
 import signal
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -34,13 +34,18 @@ from fcexp.module import MEMBER_KNOBS, Classifier
 from fcexp.pack import Member, Members, PackedData, member_bytes, merged_checkpoint, pack_key, pack_sizes
 from fcexp.record import (
     RECORD,
+    AtomicCheckpointIO,
+    RecordError,
     RunRecord,
+    StepBoundaryCtrlC,
     checkpoint_step,
     fcexp_command,
     flat_hparams,
     mark,
     override,
     override_key,
+    quote_paths,
+    read_checkpoint,
     requeued,
     resume_checkpoint,
     shell_program,
@@ -56,7 +61,9 @@ USER_ERRORS = (ValueError, DataError, MisconfigurationException)
 
 
 def _no_tips(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(("💡 Tip", "SLURM auto-requeueing enabled"))
+    # The last: fcexp gives the plain summary for log files (train_pack), of which Lightning would say so.
+    skip = ("💡 Tip", "SLURM auto-requeueing enabled", "Trainer already configured with model summary")
+    return not record.getMessage().startswith(skip)
 
 
 def quiet_lightning() -> None:
@@ -150,7 +157,10 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
     """Train, test and record runs that share a model shape and data settings as one pack (fcexp.pack): each ends
     with its metrics.json content, or, when it failed while the others went on, its error."""
     quiet_lightning()
-    members = [Member(i, job.run_dir, RunRecord(job.run_dir, job.overrides, job.resume)) for i, job in enumerate(jobs)]
+    members = [
+        Member(i, job.run_dir, RunRecord(job.run_dir, job.overrides, job.resume, job.cfg, pack=len(jobs)))
+        for i, job in enumerate(jobs)
+    ]
     trainer = None
 
     def failed(i: int, error: BaseException) -> None:
@@ -173,7 +183,7 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
         datamodule = PackedData([m.datamodule for m in members])
         model = _members_model(cfgs)
         model.on_member_failed = failed
-        resumed = [resume_checkpoint(job.run_dir) if job.resume else None for job in jobs]
+        resumed = [resume_checkpoint(job.run_dir)[0] if job.resume else None for job in jobs]
         for member, cfg, job, ckpt in zip(members, cfgs, jobs, resumed, strict=True):
             # The run folder is the TensorBoard run. A resumed run first drops the events the stopped one logged
             # after its checkpoint (TensorBoard's purge_step), so no step shows twice. Events reach the disk every
@@ -200,11 +210,15 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
             )
         spread_over_gpus(first)
         progress = [instantiate(first.callbacks.progress)] if first.callbacks.get("progress") else []
+        # Lightning's default summary is rich's table, cut to 80 columns: for a terminal, not a log file.
+        summary = [ModelSummary()] if first.trainer.enable_model_summary and not sys.stdout.isatty() else []
+        checkpoint_io = AtomicCheckpointIO()
         trainer = instantiate(
             first.trainer,
             logger=False,
             enable_checkpointing=False,  # each member has its own checkpoint callback, among its callbacks
-            callbacks=[*progress, Members(members)],
+            callbacks=[*progress, *summary, StepBoundaryCtrlC(), Members(members)],
+            plugins=[checkpoint_io],
             default_root_dir=jobs[0].run_dir,
         )
         if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
@@ -212,13 +226,12 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
             # does: Lightning stops every rank at the same step, and the run keeps interrupted.ckpt. submitit's own
             # handler raised mid-step on rank 0 only, which left a DDP job waiting for its other ranks.
             signal.signal(signal.SIGUSR2, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-        with tempfile.TemporaryDirectory(prefix="fcexp-resume-") as tmp:
-            ckpt_path = None
-            if resumed[0] is not None:
-                checkpoints = [torch.load(p, map_location="cpu", weights_only=True) for p in resumed]
-                ckpt_path = Path(tmp) / "pack.ckpt"
-                torch.save(merged_checkpoint(checkpoints, model), ckpt_path)
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        ckpt_path = None
+        if resumed[0] is not None:
+            # The pack's checkpoint is its members' merged; Lightning reads it from memory, by the first one's path.
+            ckpt_path = str(resumed[0])
+            checkpoint_io.in_memory[ckpt_path] = merged_checkpoint([read_checkpoint(p) for p in resumed], model)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if any(m.error is None for m in members):
             # The seed evaluates the model as training left it, not the best checkpoint.
             trainer.test(model, datamodule=datamodule, verbose=False)
@@ -391,7 +404,7 @@ def train_packs(plans: list[list[Job | float]], sweep_dir: Path, max_members: in
     for j, runs in enumerate(plans):
         for k, job in enumerate(runs):
             if isinstance(job, Job):
-                ckpt = resume_checkpoint(job.run_dir) if job.resume else None
+                ckpt = resume_checkpoint(job.run_dir)[0] if job.resume else None
                 key = pack_key(job.cfg) + f"step={checkpoint_step(ckpt) if ckpt else None}"
                 if job.cfg.activation.name == "prelu":
                     key += str(job.run_dir)  # learned activations train alone
@@ -439,6 +452,7 @@ def plan(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path |
         if previous["status"] == "completed":  # requeued after the run ended, before its job did
             return previous["metrics"]["val/acc_best"]
         log.info("SLURM restarted job %s (requeued or preempted): continuing %s", slurm_job(), run_dir)
+        check_resume(cfg, run_dir, previous)
         return Job(cfg, run_dir, overrides, resume=True)
     if cfg.resume:  # conf/__init__.py checked that it is a run folder
         cfg, overrides = resumed_config(previous, overrides)
@@ -447,6 +461,7 @@ def plan(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path |
             raise ValueError(
                 f"{run_dir} completed its {done} epochs; to train it further, add trainer.max_epochs=<more than {done}>"
             )
+        check_resume(cfg, run_dir, previous)
         return Job(cfg, run_dir, overrides, resume=True)
     if previous is not None and previous["status"] == "completed" and rank_zero_only.rank == 0:
         if cfg.skip_finished:
@@ -459,7 +474,50 @@ def plan(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path |
         )
         raise ValueError(f"{run_dir} holds a completed run; {fix}, or start in a new folder")
     # A sweep rerun (skip_finished) continues its stopped jobs from their checkpoints.
-    return Job(cfg, run_dir, overrides, resume=previous is not None and bool(cfg.skip_finished))
+    resume = previous is not None and bool(cfg.skip_finished)
+    if resume:
+        check_resume(cfg, run_dir, previous)
+    return Job(cfg, run_dir, overrides, resume=resume)
+
+
+# What sets the shapes of a net's tensors: a resume that changes one cannot load its checkpoint.
+SHAPE_KNOBS = ("model.hidden", "model.batch_norm", "activation.num_parameters")
+
+
+def check_resume(cfg: DictConfig, run_dir: Path, previous: dict) -> None:
+    """Refuse, before anything is written, a resume that cannot continue: no checkpoint that loads, none kept, or a
+    net of another shape than the one its checkpoint holds. Say which checkpoint it continues from, and which newer
+    ones it skipped."""
+    path, skipped = resume_checkpoint(run_dir)
+    if path is None:
+        if skipped:
+            raise ValueError(
+                f"no checkpoint of {run_dir} loads: {'; '.join(skipped)}; delete them to train the run again from "
+                "step 0, or start a new run"
+            )
+        if cfg.callbacks.get("checkpoint") is None and cfg.callbacks.get("last") is None:
+            raise ValueError(f"{run_dir} kept no checkpoints (its callbacks have none): nothing to resume from")
+        log.info("%s stopped before its first checkpoint: training it again from step 0", run_dir)
+        return
+    for reason in skipped:
+        log.warning("skipped %s", reason)
+    state = read_checkpoint(path)["state_dict"]
+    try:
+        net = instantiate(cfg.model).state_dict()
+    except InstantiationException as err:
+        raise user_error(err) from None
+    if {k: v.shape for k, v in net.items()} != {k: v.shape for k, v in state.items()}:
+        now = flat_hparams(cfg)
+        changed = [k for k in SHAPE_KNOBS if k in now and now[k] != previous["hparams"].get(k, now[k])]
+        if not changed:
+            raise ValueError(f"{path} does not fit the net this config builds; start a new run")
+        new = ", ".join(f"{k}={now[k]}" for k in changed)
+        old = ", ".join(f"{k}={previous['hparams'][k]}" for k in changed)
+        raise ValueError(
+            f"{new} changes the net {run_dir} trained ({old}); a resume continues the same net: drop "
+            f"{'that override' if len(changed) == 1 else 'those overrides'}, or start a new run"
+        )
+    log.info("continuing %s from %s (step %d)", run_dir, path.relative_to(run_dir), checkpoint_step(path))
 
 
 def interrupted(run_dirs: list[Path], sweep_dir: Path | None) -> None:
@@ -491,13 +549,15 @@ def failed(err: Exception, run_dir: Path, previous: dict | None, sweep_dir: Path
         # One bad job must not end a sweep: it is recorded as failed and the others go on.
         log.error("job %s failed: %s", run_dir.name, err)
         return math.nan
-    refused = isinstance(err, USER_ERRORS) and previous is None and _remove_if_refused(run_dir)
+    # A new run refused is removed; a folder with a record of its own, even a damaged one, never.
+    new = previous is None and not isinstance(err, RecordError)
+    refused = isinstance(err, USER_ERRORS) and new and _remove_if_refused(run_dir)
     if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(err, (*USER_ERRORS, FloatingPointError)):
         raise err
     if rank_zero_only.rank == 0:
         # Its own line, even after a progress bar that did not end one.
         print(f"\nerror: {err}" if sys.stderr.isatty() else f"error: {err}", file=sys.stderr)
-        if previous is None and not refused:  # what this run recorded before it failed
+        if new and not refused:  # what this run recorded before it failed
             print(f"run folder: {run_dir}", file=sys.stderr)
     sys.exit(2 if isinstance(err, USER_ERRORS) else 1)
 
@@ -517,8 +577,9 @@ def report(result: dict, run_dir: Path, sweep_dir: Path | None) -> float:
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path | None) -> float:
     """One run in `run_dir` (a new one, a resume, or a sweep job's rerun), reported to the user; in a sweep
     (`sweep_dir`), a failure is recorded and returned as NaN so that the other jobs go on."""
-    previous = RunRecord.load(run_dir)
+    previous = None
     try:
+        previous = RunRecord.load(run_dir)
         job = plan(cfg, run_dir, overrides, sweep_dir)
         if not isinstance(job, Job):
             return job
@@ -541,5 +602,11 @@ def main(cfg: DictConfig) -> float:
     return run(cfg, run_dir, overrides, sweep_dir)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m fcexp.train`: main, with each path on the command line taken as the shell gave it."""
+    sys.argv[1:] = quote_paths(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()
