@@ -11,6 +11,7 @@ import argparse
 import csv
 import logging
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -26,9 +27,12 @@ from hydra.experimental.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from matplotlib.figure import Figure  # the object API needs no backend or display: PNGs on any machine
 from omegaconf import DictConfig, OmegaConf
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from fcexp.record import RECORD, RunRecord, fcexp_command, flat_hparams, override, override_key, shell_program
-from fcexp.stats import ALPHA, Difference, Interval, difference, holm, interval
+from fcexp.stats import ALPHA, INTERVAL, Difference, Interval, difference, holm, interval
 
 log = logging.getLogger("fcexp")
 
@@ -39,12 +43,34 @@ REPLICATES = 3  # the seeds a single-seed sweep is told to add
 MULTIRUN = "multirun.yaml"  # the sweep's config, written by Hydra before its first job
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"  # its `_target_` in multirun.yaml
 # Finished jobs first, best validation accuracy first among them; then what may still finish; then what never will.
-STATUS_ORDER = {"completed": 0, "running": 1, "interrupted": 2, "cancelled": 3, "failed": 4, "no record": 5}
-# Overrides that say how a sweep ran, not what a job trained: left out of the rerun command.
-NOT_THE_JOB = {"hydra/launcher", "hydra/sweeper", "launcher", "threads", "skip_finished", "resume"}
-# Presets that only say what to sweep: a single job's rerun does not need them (conf/sweep/depth.yaml also fixes
-# batch norm and L2, so it stays).
-SWEEP_ONLY_PRESETS = {"sweep=grid", "sweep=activations", "sweep=regularization", "hparams_search=optuna"}
+STATUS_ORDER = {
+    "completed": 0,
+    "running": 1,
+    "interrupted": 2,
+    "cancelled": 3,
+    "failed": 4,
+    "unreadable": 5,  # its metrics.json is damaged: what it did is unknown
+    "no record": 6,
+}
+# Overrides that say how a sweep ran, not what a job trained: left out of the rerun command. Threads are not among
+# the job's settings here, yet their number changes its results (the order of float sums): a rerun gets the number
+# the job's record says it trained with.
+NOT_THE_JOB = {"hydra/launcher", "hydra/sweeper", "threads", "skip_finished", "resume"}
+# Presets that say what to sweep or how to launch and set nothing else a job trains with but threads: a single
+# job's rerun does not need them. The others stay: conf/sweep/depth.yaml fixes batch norm and L2, and
+# launcher=slurm_gpu and slurm_ddp choose the trainer (a GPU; DDP over a node's GPUs).
+SWEEP_ONLY_PRESETS = {
+    "sweep=grid",
+    "sweep=activations",
+    "sweep=regularization",
+    "hparams_search=optuna",
+    "launcher=parallel",
+    "launcher=packed",
+    "launcher=slurm",
+}
+# What train.py logs with each job's hparams at its end: the HParams tab's metric columns.
+HPARAMS_METRICS = ("hp_metric", "final/val_acc", "final/test_acc", "final/test_loss")
+EXPERIMENT_SUFFIX = ".sweep-hparams"  # the sweep's own HParams experiment, an events file in the sweep folder
 HIGHLIGHTED = 8  # curves drawn in colour and named in the legend; the rest are grey context
 
 
@@ -63,6 +89,8 @@ class Job:
     git: dict[str, Any] | None = None  # {"commit", "dirty"} of the checkout it ran from; None outside one
     # False for a job of an interrupted sweep that never began: its hparams are only those its overrides set.
     started: bool = True
+    threads: int | None = None  # the CPU threads it trained with
+    cwd: str | None = None  # where it was started: the directory its overrides' relative paths are relative to
 
     @property
     def val_curve(self) -> list[tuple[int, float]]:
@@ -90,21 +118,57 @@ class Job:
             return None
         return self.git["commit"][:7] + ("+dirty" if self.git["dirty"] else "")
 
+    @property
+    def packed(self) -> bool:
+        return any(o.lstrip("+") == "launcher=packed" for o in self.overrides)
+
     def rerun_command(self, *, without: tuple[str, ...] = ()) -> list[str]:
-        """The overrides that rerun this job alone (less the keys in `without`)."""
-        return [
+        """The overrides that rerun this job alone (less the keys in `without`), with the threads it trained with."""
+        kept = [
             o
             for o in self.overrides
             if not override_key(o).startswith("hydra.")
             and override_key(o) not in {*NOT_THE_JOB, *without}
             and o.lstrip("+") not in SWEEP_ONLY_PRESETS
         ]
+        return kept + ([f"threads={self.threads}"] if self.threads is not None else [])
+
+
+# What compare reads of a record, and the JSON type each must have.
+RECORD_FIELDS = {"status": str, "hparams": dict, "overrides": list, "history": list, "metrics": dict}
+
+
+def record_problem(record: Any) -> str | None:
+    """Why a parsed metrics.json cannot be read as a run record; None when it can."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__} where a run record (an object) is expected"
+    for key, kind in RECORD_FIELDS.items():
+        if not isinstance(record.get(key), kind):
+            return f"{key!r} is {record.get(key)!r}, expected a JSON {'object' if kind is dict else kind.__name__}"
+    numbers = [("metrics", record["metrics"])] + [("history", h) for h in record["history"]]
+    for where, entry in numbers:
+        if not isinstance(entry, dict):
+            return f"a {where} entry is {entry!r}, expected a JSON object"
+        for key, value in entry.items():
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                return f"{where} {key!r} is {value!r}, expected a number or null"
+    if any(not isinstance(h.get("epoch"), int) or not isinstance(h.get("step"), int) for h in record["history"]):
+        return "a history entry lacks its integer 'epoch' or 'step'"
+    return None
 
 
 def load_job(folder: Path) -> Job:
-    """A job from its metrics.json; one that has not written it yet from the config Hydra saved when it started."""
-    record = RunRecord.load(folder)
-    if record is not None:
+    """A job from its metrics.json; one that has not written it yet (or wrote a damaged one: status "unreadable",
+    the reason its error) from the config Hydra saved when it started."""
+    try:
+        # Absolute: an error that names the file reads the same wherever compare runs.
+        record = RunRecord.load(folder.absolute())
+        problem = record_problem(record) if record is not None else None
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # ValueError: json's, or the record's own
+        record, problem = None, str(err)
+    if record is not None and problem is None:
+        provenance = record.get("provenance") or {}
+        threads = (provenance.get("device") or {}).get("threads")
         return Job(
             folder,
             record["status"],
@@ -112,11 +176,13 @@ def load_job(folder: Path) -> Job:
             record["overrides"],
             record["history"],
             record["metrics"],
-            record["wall_time_s"],
+            record.get("wall_time_s"),
             record.get("error"),
-            (record.get("provenance") or {}).get("git"),
+            provenance.get("git"),
+            threads=threads if isinstance(threads, int) else None,
+            cwd=provenance.get("cwd"),
         )
-    job = Job(folder, "no record")
+    job = Job(folder, "no record" if problem is None else "unreadable", error=problem)
     hydra_dir = folder / ".hydra"
     if (hydra_dir / "config.yaml").is_file():
         job.hparams = flat_hparams(OmegaConf.load(hydra_dir / "config.yaml"))
@@ -125,16 +191,22 @@ def load_job(folder: Path) -> Job:
     return job
 
 
-def unstarted_jobs(sweep_dir: Path, started: list[Job]) -> list[Job]:
-    """The jobs an interrupted sweep planned (multirun.yaml) but never started, so never gave a folder.
+def multirun_hydra(sweep_dir: Path) -> DictConfig | None:
+    """The Hydra part of the config the sweep started with (its multirun.yaml), None if it wrote none."""
+    return OmegaConf.load(sweep_dir / MULTIRUN).hydra if (sweep_dir / MULTIRUN).is_file() else None
 
-    Hydra's basic sweeper plans every job up front (the product of the swept values); other sweepers (Optuna) choose
-    each job from the results so far, so nothing beyond their started jobs can be known.
-    """
-    if not (sweep_dir / MULTIRUN).is_file():
-        return []
-    hydra_cfg = OmegaConf.load(sweep_dir / MULTIRUN).hydra
-    if hydra_cfg.sweeper._target_ != BASIC_SWEEPER:
+
+def plans_ahead(hydra_cfg: DictConfig) -> bool:
+    """Whether the sweeper plans every job up front (Hydra's basic sweeper: the product of the swept values); others
+    (Optuna) choose each job from the results so far."""
+    return hydra_cfg.sweeper._target_ == BASIC_SWEEPER
+
+
+def unstarted_jobs(sweep_dir: Path, started: list[Job]) -> list[Job]:
+    """The jobs an interrupted sweep planned (multirun.yaml) but never started, so never gave a folder; only a sweeper
+    that plans ahead knows them."""
+    hydra_cfg = multirun_hydra(sweep_dir)
+    if hydra_cfg is None or not plans_ahead(hydra_cfg):
         return []
     # As BasicSweeper.sweep: a preset's params, then the command line's overrides (the later wins for a key).
     params = hydra_cfg.sweeper.get("params") or {}
@@ -296,6 +368,7 @@ def replicated(configs: list[Config]) -> bool:
 
 
 def config_rows(configs: list[Config], knobs: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The configurations as text, each interval beside its mean: compare.md and the terminal."""
     keys = [k for k in knobs if k != "seed"]
     header = ["rank", *keys, "n", "val_acc_best [95% CI]", "sd", "test_acc [95% CI]", "diff vs best [95% CI]"]
     header += ["test", "p_holm", "verdict"]
@@ -321,10 +394,27 @@ def config_rows(configs: list[Config], knobs: list[str]) -> tuple[list[str], lis
     return header, rows
 
 
+def config_csv_rows(configs: list[Config], knobs: list[str]) -> tuple[list[str], list[list[Any]]]:
+    """The configurations as numbers, a column each (configs.csv): empty where there is none."""
+    keys = [k for k in knobs if k != "seed"]
+    accuracies = [f"{m}_{part}" for m in ("val_acc", "test_acc") for part in ("mean", "low", "high", "sd")]
+    header = ["rank", *keys, "n", *accuracies, "diff", "diff_low", "diff_high", "test", "p", "p_holm", "verdict"]
+    rows = []
+    for rank, c in enumerate(configs, 1):
+        d = c.diff
+        numbers = [getattr(i, part) if i else None for i in (c.val, c.test) for part in ("mean", "low", "high", "sd")]
+        numbers += [d.delta, d.low, d.high] if d else [None] * 3
+        row = [rank, *(c.hparams.get(k) for k in keys), c.val.n if c.val else 0, *numbers]
+        row += [d.test if d else None, d.p if d else None, d.p_holm if d else None, c.verdict if c.val else "no result"]
+        rows.append(["" if v is None else v for v in row])
+    return header, rows
+
+
 def method_note(configs: list[Config]) -> str:
     tests = sum(c.diff is not None and c.diff.p is not None for c in configs)
     return (
-        f"Configurations are ranked by mean best validation accuracy over their seeds, with 95% t intervals. Each is "
+        f"Configurations are ranked by mean best validation accuracy over their seeds; each accuracy's interval is a "
+        f"{INTERVAL}. Each is "
         f"compared with the best: paired t test where both ran the same seeds, Welch's otherwise; p values are "
         f"Holm-adjusted over the {tests} comparison{'s' * (tests != 1)}. 'tied with best' means not significantly "
         f"different at {ALPHA:g}: the data do not tell them apart, not that they are equal."
@@ -392,15 +482,15 @@ def plot_curves(configs: list[Config], knobs: list[str], path: Path) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
-    band = " (mean over seeds, band: 95% interval)" if replicated(configs) else ""
+    band = f"\n(mean over seeds, band: {INTERVAL})" if replicated(configs) else ""
     ax.set_title(f"{path.parent.name}: validation accuracy of {len(ranked)} configurations{band}")
     fig.savefig(path, dpi=110)
 
 
 def write_config_curves(configs: list[Config], knobs: list[str], folder: Path) -> None:
     """A TensorBoard run beside the jobs': each replicated configuration's validation accuracy, the mean over its
-    seeds with its 95% interval, as a margin chart in the Custom Scalars tab (x: the step its epochs end at, as in
-    the jobs' own val/acc)."""
+    seeds with its interval (fcexp.stats.INTERVAL), as a margin chart in the Custom Scalars tab (x: the step its
+    epochs end at, as in the jobs' own val/acc)."""
     from torch.utils.tensorboard import SummaryWriter
 
     shutil.rmtree(folder, ignore_errors=True)  # rewritten whole, from the jobs' records, each time compare runs
@@ -417,7 +507,7 @@ def write_config_curves(configs: list[Config], knobs: list[str], folder: Path) -
                 for tag, value in zip(tags, (p.mean, low, high), strict=True):
                     writer.add_scalar(tag, value, steps.get(epoch, epoch))
             charts[f"{rank}. {_label(config.hparams, knobs)} (n={max(p.n for p in points)})"] = ["Margin", tags]
-        writer.add_custom_scalars({"validation accuracy by configuration: mean over seeds, 95% interval": charts})
+        writer.add_custom_scalars({f"validation accuracy by configuration: mean over seeds, {INTERVAL}": charts})
 
 
 def _sort_values(values: list[Any]) -> list[Any]:
@@ -427,7 +517,7 @@ def _sort_values(values: list[Any]) -> list[Any]:
 
 def plot_by_knob(configs: list[Config], knobs: list[str], path: Path) -> None:
     """Test accuracy by each swept knob: each configuration's mean a dot, and at each value the mean over all its
-    runs with a 95% t interval (over the other knobs and the seeds) as a bar."""
+    runs with its interval (fcexp.stats.INTERVAL, over the other knobs and the seeds) as a bar."""
     knobs = [k for k in knobs if k != "seed"]
     done = [c for c in configs if c.test is not None]
     cols = min(len(knobs), 3)
@@ -463,24 +553,136 @@ def plot_by_knob(configs: list[Config], knobs: list[str], path: Path) -> None:
         ax.grid(alpha=0.3)
         if i % cols == 0:
             ax.set_ylabel("test accuracy")
-    fig.suptitle(f"{path.parent.name}: test accuracy by swept knob (red: mean and 95% interval over its runs)")
+    fig.suptitle(f"{path.parent.name}: test accuracy by swept knob\n(red: mean over its runs and its {INTERVAL})")
     fig.savefig(path, dpi=110)
 
 
-def sweep_command(sweep_dir: Path, without: tuple[str, ...] = ("seed",)) -> list[str] | None:
+def sweep_command(sweep_dir: Path, without: tuple[str, ...] = ()) -> list[str] | None:
     """The overrides the sweep was started with (its multirun.yaml), if it recorded them, but `without` and
     skip_finished: the task's, and how it was launched (hydra.launcher.*: a SLURM sweep's partition and CPUs)."""
-    if not (sweep_dir / MULTIRUN).is_file():
+    hydra_cfg = multirun_hydra(sweep_dir)
+    if hydra_cfg is None:
         return None
-    overrides = OmegaConf.load(sweep_dir / MULTIRUN).hydra.overrides
+    overrides = hydra_cfg.overrides
     launcher = [
         o for o in overrides.hydra if override_key(o).startswith(("hydra/", "hydra.launcher.", "hydra.sweeper."))
     ]
     return [o for o in overrides.task if override_key(o) not in (*without, "skip_finished")] + launcher
 
 
+def replicate_command(sweep_dir: Path, start: str | None) -> str:
+    """The sweep again with REPLICATES seeds per configuration. A sweeper that plans ahead sweeps the seed too
+    (seed=0,1,2); a search (Optuna) would make a swept seed one more parameter to search, so there every trial trains
+    the seeds itself (replicates=3) and is scored by their mean."""
+    hydra_cfg = multirun_hydra(sweep_dir)
+    seeds = f"seed={','.join(map(str, range(REPLICATES)))}"
+    if hydra_cfg is None:
+        return f"the sweep's command with {seeds}"
+    more = seeds if plans_ahead(hydra_cfg) else f"replicates={REPLICATES}"
+    return fcexp_command("-m", *sweep_command(sweep_dir, without=("seed", "replicates")), more, start=start)
+
+
+def sweep_start(sweep_dir: Path, jobs: list[Job]) -> str:
+    """The directory the sweep was started in (multirun.yaml, else a job's record; else this one), where its
+    overrides' relative paths (runs_dir, data.root) lead where they led the jobs."""
+    hydra_cfg = multirun_hydra(sweep_dir)
+    recorded = OmegaConf.select(hydra_cfg, "runtime.cwd") if hydra_cfg is not None else None
+    return recorded or next((job.cwd for job in jobs if job.cwd), None) or os.getcwd()
+
+
+def summary(sweep_dir: Path, jobs: list[Job], configs: list[Config], knobs: list[str], start: str | None) -> list[str]:
+    """What the tables do not say: the jobs' errors, the best configuration and the command that reruns it, and for a
+    single-seed sweep how to replicate it. For the terminal (`start` None) commands run from the working directory
+    and folders are named from it; for compare.md commands run from `start` and folders are named inside the sweep
+    folder, so that the file reads the same wherever compare ran."""
+    lines = []
+    for job in jobs:
+        if job.error:
+            name = job.folder.relative_to(sweep_dir)
+            lines.append(f"{job.status}: {name / RECORD if job.status == 'unreadable' else name}: {job.error}")
+    best = configs[0] if configs and configs[0].val is not None else None
+    if best is None:
+        return [*lines, "best: none yet (no job has completed)"]
+    job = best.jobs[0]
+    if replicated(configs):
+        ties = [c for c in configs if c.diff is not None and c.diff.significant is False]
+        lines.append(
+            f"best: {_label(best.hparams, knobs, 'the only configuration')} (n={best.val.n}; val acc {best.val}, "
+            f"test acc {best.test}; {len(ties)} other configuration{'s' * (len(ties) != 1)} tied with it)"
+        )
+        seeds = ",".join(str(s) for s in sorted(best.by_seed("val_best")))
+        rerun = fcexp_command("-m", *job.rerun_command(without=("seed",)), f"seed={seeds}", start=start)
+    else:
+        folder = job.folder if start is None else job.folder.relative_to(sweep_dir)
+        label = _label(best.hparams, knobs, job.folder.name)
+        lines.append(f"best: {label} (val acc {job.val_best:.4f}, test acc {_fmt(job.test, 4)}) in {folder}")
+        rerun = fcexp_command(*job.rerun_command(), start=start)
+    lines.append(f"rerun it: {rerun}")
+    if job.packed:
+        lines.append(
+            "it trained in a pack, whose members' dropout masks come from one random stream: rerun alone it gives "
+            "the same numbers (to about 4 decimals) only without dropout, and with dropout agrees as a replicate does"
+        )
+    if replicated(configs):
+        lines.append(method_note(configs))
+    else:
+        lines.append(
+            "one seed per configuration: this ranking carries no intervals; replicate it with: "
+            + replicate_command(sweep_dir, start)
+        )
+    return lines
+
+
+def write_hparams_experiment(sweep_dir: Path, values: dict[str, list[Any]], swept: list[str]) -> None:
+    """Tell TensorBoard's HParams tab the sweep's hyperparameters, swept knobs first and marked as differing, and the
+    metrics its jobs log at their end. `values`: each hparam's values in the jobs (none: its type is not known yet).
+
+    Every job's run carries an experiment of its own (torch's `hparams()`, under Lightning's log_hyperparams) with all
+    its hparams, none marked as differing. TensorBoard takes the first experiment it finds, the sweep folder's own
+    (run ".") before its jobs', sorts its hparams differing first, then by name, and shows the first five: without
+    this, activation and data.* (alike in every row), the swept knobs unticked."""
+    for old in sweep_dir.glob(f"events.out.tfevents.*{EXPERIMENT_SUFFIX}"):
+        old.unlink()  # rewritten whole each time, from what is known now
+    infos = []
+    for name in [*swept, *(k for k in values if k not in swept)]:
+        seen = values.get(name, [])
+        info = api_pb2.HParamInfo(name=name, differs=name in swept)
+        if seen and all(isinstance(v, str) for v in seen):
+            info.type = api_pb2.DATA_TYPE_STRING
+            info.domain_discrete.extend(sorted(set(seen)))
+        elif seen and all(isinstance(v, (int, float)) for v in seen):  # booleans too: torch logs them as numbers
+            info.type = api_pb2.DATA_TYPE_FLOAT64
+            info.domain_interval.min_value, info.domain_interval.max_value = min(seen), max(seen)
+        infos.append(info)
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in HPARAMS_METRICS]
+    content = plugin_data_pb2.HParamsPluginData(
+        experiment=api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics),
+        version=hparams_metadata.PLUGIN_DATA_VERSION,
+    )
+    value = Summary.Value(
+        tag=hparams_metadata.EXPERIMENT_TAG, metadata=hparams_metadata.create_summary_metadata(content)
+    )
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(sweep_dir), filename_suffix=EXPERIMENT_SUFFIX) as writer:
+        writer.file_writer.add_summary(Summary(value=[value]))
+
+
+def planned_hparams(config: DictConfig) -> tuple[dict[str, list[Any]], list[str]]:
+    """A multirun's hparams before any of its jobs ran: the values its config sets, and the keys it sweeps (its
+    command line's sweeps, `model.dropout=0,0.2`, and its sweeper's params: a preset's, Optuna's), whose values the
+    jobs will tell."""
+    task = list(config.hydra.overrides.task)
+    keys = {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
+    keys |= set(config.hydra.sweeper.get("params") or {})
+    params = flat_hparams(config, task)
+    swept = [k for k in params if k in keys]
+    return {k: [] if k in swept else [v] for k, v in params.items()}, swept
+
+
 def report(sweep_dir: Path) -> str:
-    """Write the sweep's tables (Markdown, CSV) and plots into its folder; return the text to print."""
+    """Write the sweep's tables (Markdown, CSV), plots and HParams experiment into its folder; return the text to
+    print."""
     sweep_dir = Path(sweep_dir)
     jobs = load_sweep(sweep_dir)
     knobs = swept_knobs(jobs)
@@ -490,48 +692,19 @@ def report(sweep_dir: Path) -> str:
         writer = csv.writer(f)
         writer.writerow([*header, "error", "folder"])
         writer.writerows([*row, job.error or "", job.folder.name] for row, job in zip(rows, jobs, strict=True))
-    config_header, config_table = config_rows(configs, knobs)
     with open(sweep_dir / CONFIGS_CSV, "w", newline="") as f:
-        csv.writer(f).writerows([config_header, *config_table])
-    counts = {s: sum(j.status == s for j in jobs) for s in STATUS_ORDER if any(j.status == s for j in jobs)}
-    lines = [
-        f"{len(jobs)} job{'s' * (len(jobs) != 1)} in {sweep_dir}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-    ]
-    lines += [f"{job.status}: {job.folder.name}: {job.error}" for job in jobs if job.error]
-    best = configs[0] if configs and configs[0].val is not None else None
-    if best is None:
-        lines.append("best: none yet (no job has completed)")
-    elif replicated(configs):
-        ties = [c for c in configs if c.diff is not None and c.diff.significant is False]
-        lines.append(
-            f"best: {_label(best.hparams, knobs, 'the only configuration')} (n={best.val.n}; val acc {best.val}, "
-            f"test acc {best.test}; {len(ties)} other configuration{'s' * (len(ties) != 1)} tied with it)"
-        )
-        seeds = ",".join(str(s) for s in sorted(best.by_seed("val_best")))
-        lines.append(
-            f"rerun it: {fcexp_command('-m', *best.jobs[0].rerun_command(without=('seed',)), f'seed={seeds}')}"
-        )
-        lines.append(method_note(configs))
-    else:
-        job = best.jobs[0]
-        label = _label(best.hparams, knobs, job.folder.name)
-        lines.append(f"best: {label} (val acc {job.val_best:.4f}, test acc {_fmt(job.test, 4)}) in {job.folder}")
-        lines.append(f"rerun it: {fcexp_command(*job.rerun_command())}")
-        command = sweep_command(sweep_dir)
-        seeds = ",".join(map(str, range(REPLICATES)))
-        again = (
-            fcexp_command("-m", *command, f"seed={seeds}")
-            if command is not None
-            else f"the sweep's command with seed={seeds}"
-        )
-        lines.append(f"one seed per configuration: this ranking carries no intervals; replicate it with: {again}")
+        csv_header, csv_rows = config_csv_rows(configs, knobs)
+        csv.writer(f).writerows([csv_header, *csv_rows])
+    config_header, config_table = config_rows(configs, knobs)
     replicates = replicated(configs)
     tables = (
         f"## Configurations\n\n{format_table(config_header, config_table, markdown=True)}\n\n" if replicates else ""
     )
+    start = sweep_start(sweep_dir, jobs)
+    notes = [f"Commands run from {start}.", *summary(sweep_dir, jobs, configs, knobs, start)]
     (sweep_dir / TABLE).write_text(
         f"# {sweep_dir.name}\n\n{tables}## Jobs\n\n{format_table(header, rows, markdown=True)}\n\n"
-        + "\n\n".join(lines[1:])
+        + "\n\n".join(notes)
         + "\n"
     )
     if any(job.val_curve for job in jobs):
@@ -540,9 +713,16 @@ def report(sweep_dir: Path) -> str:
         plot_by_knob(configs, knobs, sweep_dir / BY_KNOB)
     if replicates:
         write_config_curves(configs, knobs, sweep_dir / CONFIG_RUN)
+    names = dict.fromkeys(k for job in jobs for k in job.hparams)
+    write_hparams_experiment(sweep_dir, {k: [j.hparams[k] for j in jobs if k in j.hparams] for k in names}, knobs)
+    counts = {s: sum(j.status == s for j in jobs) for s in STATUS_ORDER if any(j.status == s for j in jobs)}
+    lines = [
+        f"{len(jobs)} job{'s' * (len(jobs) != 1)} in {sweep_dir}: " + ", ".join(f"{n} {s}" for s, n in counts.items()),
+        *summary(sweep_dir, jobs, configs, knobs, None),
+    ]
     written = [str(sweep_dir / n) for n in (TABLE, CSV, CONFIGS_CSV, CURVES, BY_KNOB) if (sweep_dir / n).is_file()]
     lines.append("wrote " + ", ".join(written))
-    command = sweep_command(sweep_dir, without=())
+    command = sweep_command(sweep_dir)
     if command is not None and any(j.status in ("interrupted", "cancelled") for j in jobs):
         # Last, where it does not scroll away: how the stopped jobs continue from their checkpoints.
         finish = fcexp_command("-m", *command, override("hydra.sweep.dir", sweep_dir.absolute()), "skip_finished=true")
@@ -552,7 +732,17 @@ def report(sweep_dir: Path) -> str:
 
 
 class CompareAtEnd(Callback):
-    """At the end of a multirun: the comparison of its jobs, and the TensorBoard command that shows them all."""
+    """At the start of a multirun: the sweep's HParams experiment, so TensorBoard shows its swept knobs first while
+    it runs. At its end: the comparison of its jobs, and the TensorBoard command that shows them all."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if rank_zero_only.rank != 0:
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)  # claimed here, first: the sweep's jobs get the same folder
+        try:
+            write_hparams_experiment(sweep_dir, *planned_hparams(config))
+        except Exception as err:  # TensorBoard's column order is no reason to stop a sweep; compare writes it again
+            log.warning("the sweep's HParams experiment was not written (%s); compare writes it at the end", err)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if rank_zero_only.rank != 0:  # a DDP trainer's other ranks run the multirun too: rank 0 compares it

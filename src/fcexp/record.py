@@ -171,14 +171,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
-def shell_program(name: str) -> str:
+def shell_program(name: str, start: str | None = None) -> str:
     """How the user's shell reaches this environment's `name` (python, tensorboard): the bare name when PATH finds
-    this environment's copy first (an activated venv), else its path, relative when under the working directory."""
+    this environment's copy first (an activated venv), else its path, relative when under the directory the command
+    runs from (`start`, by default the working directory)."""
     here = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), name)
     found = shutil.which(name)
     if found and os.path.abspath(found) == here:
         return name
-    relative = os.path.relpath(here)
+    relative = os.path.relpath(here, start)
     return relative if not relative.startswith("..") else here
 
 
@@ -210,9 +211,10 @@ def quote_paths(args: list[str]) -> list[str]:
     return quoted
 
 
-def fcexp_command(*args: str) -> str:
-    """`python -m fcexp.train <args>` as it runs from the user's shell."""
-    return shlex.join([shell_program("python"), "-m", "fcexp.train", *args])
+def fcexp_command(*args: str, start: str | None = None) -> str:
+    """`python -m fcexp.train <args>` as it runs from the user's shell, in `start` (by default the working
+    directory)."""
+    return shlex.join([shell_program("python", start), "-m", "fcexp.train", *args])
 
 
 def _git_state() -> dict[str, Any] | None:

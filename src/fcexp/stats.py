@@ -1,6 +1,10 @@
-"""How sure a comparison is: means over seeds with t intervals, and each configuration's difference from the best.
+"""How sure a comparison is: mean accuracies over seeds with their intervals, and each configuration's difference
+from the best.
 
-A configuration is every knob but the seed; its replicates are its runs over seeds. Differences from the best are
+A configuration is every knob but the seed; its replicates are its runs over seeds. The interval of a mean accuracy
+is a t interval of the mean logit, mapped back: an accuracy lives in [0, 1] and its spread shrinks near 1, so a t
+interval on the accuracies themselves (symmetric, from 2 or 3 seeds with t = 12.7 or 4.3) runs past 1.0; on the logit
+scale it cannot, and near 1 it is skewed downwards as the accuracies are. Differences from the best are
 tested with a paired t test where both have the same seeds (the seed fixes init, batch order and dropout masks, so
 pairing removes that shared noise) and Welch's t test otherwise. The p values of the comparisons with the best are
 adjusted with Holm's step-down method, which keeps the chance of calling any tie a difference under 5%.
@@ -13,15 +17,20 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from scipy import stats
+from scipy import special, stats
 
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE
+# How an accuracy's interval is made, for the tables' notes and the plots' titles.
+INTERVAL = f"{CONFIDENCE:.0%} t interval of the mean logit, mapped back to [0, 1]"
+# An accuracy of exactly 0 or 1 has no logit: it counts as this far inside, which widens its interval, as so few
+# seeds should.
+EDGE = 1e-6
 
 
 @dataclass(frozen=True)
 class Interval:
-    """Mean, standard deviation and the 95% t interval of the mean of n values (no interval below n = 2)."""
+    """Mean and standard deviation of n accuracies, and the interval of their mean (`INTERVAL`; none below n = 2)."""
 
     n: int
     mean: float
@@ -35,16 +44,21 @@ class Interval:
         return f"{self.mean:.4f} [{self.low:.4f}, {self.high:.4f}]"
 
 
-def interval(values: Sequence[float]) -> Interval:
-    n = len(values)
-    mean = statistics.fmean(values)
+def interval(accuracies: Sequence[float]) -> Interval:
+    """The mean of accuracies (each in [0, 1]) with its interval, which stays inside (0, 1)."""
+    outside = [a for a in accuracies if not 0 <= a <= 1]
+    if outside:
+        raise ValueError(f"an accuracy must be in [0, 1], got {outside[0]!r}")
+    n = len(accuracies)
+    mean = statistics.fmean(accuracies)
     if n < 2:
         return Interval(n, mean, None, None, None)
-    sd = statistics.stdev(values)
+    sd = statistics.stdev(accuracies)
     if sd == 0:
         return Interval(n, mean, 0.0, mean, mean)
-    low, high = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=sd / math.sqrt(n))
-    return Interval(n, mean, sd, float(low), float(high))
+    logits = special.logit([min(max(a, EDGE), 1 - EDGE) for a in accuracies])
+    low, high = stats.t.interval(CONFIDENCE, n - 1, loc=logits.mean(), scale=logits.std(ddof=1) / math.sqrt(n))
+    return Interval(n, mean, sd, float(special.expit(low)), float(special.expit(high)))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,195 @@
+"""compare on sweep folders written here, as the jobs and Hydra write them: no training, so each test takes a blink."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from conftest import printed
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from fcexp import compare
+from fcexp.stats import INTERVAL, interval
+
+OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+HPARAMS = {"data.batch_size": 128, "model.batch_norm": False, "model.hidden": "[512, 512]", "trainer.max_epochs": 1}
+
+
+def write_job(folder: Path, overrides: list[str], val: float, test: float, threads: int = 2, cwd: str = "/start"):
+    """A completed job's folder with its metrics.json: the overrides' values are its hparams."""
+    folder.mkdir(parents=True)
+    hparams = {"activation": "relu", "model.dropout": 0.0, "seed": 0, **HPARAMS}
+    hparams |= {k.lstrip("+"): json.loads(v) if v[0].isdigit() else v for k, v in (o.split("=") for o in overrides)}
+    record = {
+        "status": "completed",
+        "overrides": overrides,
+        "hparams": hparams,
+        "history": [{"epoch": 0, "step": 16, "val/acc": val}],
+        "metrics": {"val/acc_best": val, "val/acc": val, "test/acc": test, "test/loss": 0.3},
+        "wall_time_s": 1.5,
+        "provenance": {"cwd": cwd, "git": None, "device": {"cpu": "x", "threads": threads}},
+    }
+    (folder / "metrics.json").write_text(json.dumps(record))
+
+
+def write_multirun(sweep: Path, task: list[str], sweeper: str = compare.BASIC_SWEEPER, cwd: str = "/start"):
+    """The sweep's multirun.yaml, as far as compare reads it."""
+    naming = {"kv_sep": "=", "item_sep": ",", "exclude_keys": ["launcher", "threads"]}
+    hydra = {
+        "sweeper": {"_target_": sweeper, "params": {}},
+        "overrides": {"task": task, "hydra": ["hydra.mode=MULTIRUN"]},
+        "runtime": {"cwd": cwd},
+        "job": {"config": {"override_dirname": naming}},
+    }
+    OmegaConf.save({"hydra": hydra}, sweep / "multirun.yaml")
+
+
+def grid(tmp_path: Path, extra: tuple[str, ...] = (), threads: int = 2, cwd: str = "/start") -> Path:
+    """A finished 2 x 2 sweep of activation and dropout, one seed each, started in `cwd` with `extra` overrides."""
+    sweep = tmp_path / "runs" / "sweeps" / "2026-12-01_10-00-00"
+    accuracies = {("relu", "0"): 0.95, ("relu", "0.2"): 0.96, ("tanh", "0"): 0.93, ("tanh", "0.2"): 0.94}
+    for (activation, dropout), acc in accuracies.items():
+        overrides = [f"activation={activation}", f"model.dropout={dropout}", *extra]
+        folder = sweep / f"activation={activation},model.dropout={dropout}"
+        write_job(folder, overrides, acc, acc - 0.01, threads=threads, cwd=cwd)
+    write_multirun(sweep, ["activation=relu,tanh", "model.dropout=0,0.2", *extra], cwd=cwd)
+    return sweep
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ('{"status": "completed", "error": "a\x01b"}', "Invalid control character at: line 1 column 36 (char 35)"),
+        ('{"status": "complet', "Unterminated string starting at: line 1 column 12 (char 11)"),
+        ("[1, 2]", "a JSON list where a run record (an object) is expected"),
+        ('{"status": "completed", "hparams": 3}', "'hparams' is 3, expected a JSON object"),
+    ],
+)
+def test_a_damaged_record_is_listed_unreadable_and_the_rest_compared(tmp_path, capsys, damage, reason):
+    sweep = grid(tmp_path)
+    damaged = sweep / "activation=relu,model.dropout=0.2"
+    (damaged / "metrics.json").write_text(damage)
+    compare.main([str(sweep)])
+    out = capsys.readouterr().out
+    assert "4 jobs in" in out and "3 completed, 1 unreadable" in out
+    line = f"unreadable: {damaged.name}/metrics.json: {reason}"
+    assert line in out.splitlines() and line in (sweep / compare.TABLE).read_text().splitlines()
+    with open(sweep / compare.CSV) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["folder"], r["status"]) for r in rows][-1] == (damaged.name, "unreadable")
+    assert rows[-1]["error"] == reason and float(rows[0]["val_acc_best"]) == 0.95  # the rest ranked
+    assert "best: activation=relu, dropout=0 (val acc 0.9500" in out
+    assert (sweep / compare.BY_KNOB).is_file() and (sweep / compare.CURVES).is_file()
+    # The same at the end of a multirun, where Hydra hands the callback the sweep's config.
+    compare.CompareAtEnd().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert line in capsys.readouterr().out.splitlines()
+
+
+def test_accuracy_intervals_stay_within_0_1_and_configs_csv_holds_numbers(tmp_path):
+    # Two seeds 0.05 apart near 1: a t interval on the accuracies runs to 1.29.
+    assert interval([0.90, 0.95]).high == pytest.approx(0.99934, abs=1e-5)
+    assert interval([0.5]).low is None and interval([1.0, 1.0]).high == 1.0
+    with pytest.raises(ValueError, match=r"an accuracy must be in \[0, 1\], got 1.2"):
+        interval([0.9, 1.2])
+    sweep = tmp_path / "sweep"
+    for activation, accuracies in (("relu", (0.97, 0.99)), ("tanh", (0.80, 0.95))):
+        for seed, acc in enumerate(accuracies):
+            write_job(
+                sweep / f"activation={activation},seed={seed}", [f"activation={activation}", f"seed={seed}"], acc, acc
+            )
+    text = compare.report(sweep)
+    with open(sweep / compare.CONFIGS_CSV) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["activation"] for r in rows] == ["relu", "tanh"]
+    for row in rows:
+        for metric in ("val_acc", "test_acc"):
+            low, mean, high = (float(row[f"{metric}_{part}"]) for part in ("low", "mean", "high"))
+            assert 0 <= low <= mean <= high <= 1
+    tanh = rows[1]
+    assert float(tanh["val_acc_mean"]) == pytest.approx(0.875) and float(tanh["val_acc_sd"]) > 0
+    assert float(tanh["diff"]) == pytest.approx(-0.105) and float(tanh["diff_low"]) < float(tanh["diff_high"])
+    assert tanh["test"] == "paired" and 0 < float(tanh["p"]) <= float(tanh["p_holm"]) <= 1
+    assert rows[0]["diff"] == "" and rows[0]["verdict"] == "best"
+    assert INTERVAL in text and INTERVAL in (sweep / compare.TABLE).read_text()
+
+
+@pytest.mark.parametrize("sweeper, more", [(compare.BASIC_SWEEPER, "seed=0,1,2"), (OPTUNA, "replicates=3")])
+def test_a_single_seed_sweep_is_told_how_to_replicate_it(tmp_path, capsys, sweeper, more):
+    sweep = grid(tmp_path)
+    write_multirun(
+        sweep, ["+hparams_search=optuna", "model.l2=0"] if sweeper == OPTUNA else ["activation=relu,tanh"], sweeper
+    )
+    compare.main([str(sweep)])
+    command = printed(capsys.readouterr().out, "replicate it with")
+    assert command.endswith(
+        f"-m {'+hparams_search=optuna model.l2=0' if sweeper == OPTUNA else 'activation=relu,tanh'} {more}"
+    )
+    assert ("seed=" in command) == (sweeper == compare.BASIC_SWEEPER)  # a searched seed is no replicate
+
+
+@pytest.mark.parametrize(
+    "launcher, kept",
+    [
+        ("+launcher=parallel", False),
+        ("+launcher=packed", False),
+        ("+launcher=slurm", False),
+        ("+launcher=slurm_ddp", True),
+    ],
+)
+def test_a_rerun_carries_the_threads_its_job_trained_with(tmp_path, capsys, launcher, kept):
+    sweep = grid(tmp_path, (launcher, "threads=3"), threads=1)  # threads=3: what it asked; 1: what it got
+    compare.main([str(sweep)])
+    out = capsys.readouterr().out
+    rerun = printed(out, "rerun it")
+    assert rerun.endswith("-m fcexp.train activation=relu model.dropout=0.2" + f" {launcher}" * kept + " threads=1")
+    assert ("trained in a pack" in out) == (launcher == "+launcher=packed")
+
+
+def test_compare_md_reads_the_same_from_any_directory(tmp_path, monkeypatch):
+    sweep = grid(tmp_path, cwd=str(tmp_path))
+    texts = []
+    for here, name in ((tmp_path, "runs/sweeps/2026-12-01_10-00-00"), (sweep.parent, sweep.name)):
+        monkeypatch.chdir(here)
+        compare.main([name])
+        texts.append((sweep / compare.TABLE).read_bytes())
+    assert texts[0] == texts[1]
+    notes = texts[0].decode()
+    assert f"Commands run from {tmp_path}." in notes  # multirun.yaml's hydra.runtime.cwd
+    assert "best: activation=relu, dropout=0.2 (val acc 0.9600, test acc 0.9500) in activation=relu," in notes
+
+
+def read_experiment(sweep: Path) -> tuple[list[tuple[str, bool]], list[str]]:
+    events = EventAccumulator(str(sweep))  # the sweep folder's own run, not its jobs'
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/experiment"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    return [(h.name, h.differs) for h in experiment.hparam_infos], [m.name.tag for m in experiment.metric_infos]
+
+
+def test_tensorboard_is_told_the_sweeps_knobs_first(tmp_path):
+    sweep = grid(tmp_path)
+    compare.report(sweep)
+    hparams, metrics = read_experiment(sweep)
+    assert hparams[:2] == [("activation", True), ("model.dropout", True)]
+    assert {name for name, _ in hparams[2:]} == {"seed", *HPARAMS} and not any(d for _, d in hparams[2:])
+    assert metrics == ["hp_metric", "final/val_acc", "final/test_acc", "final/test_loss"]
+    compare.report(sweep)  # rewritten, not added to
+    assert len(list(sweep.glob("events.out.tfevents.*"))) == 1
+
+
+def test_a_multirun_tells_tensorboard_its_knobs_when_it_starts(tmp_path):
+    from fcexp.train import compose_config
+
+    config = compose_config(with_hydra=True)
+    OmegaConf.set_readonly(config, False)
+    config.hydra.sweep.dir = str(tmp_path)
+    config.hydra.overrides.task = ["model.l2=0", "model.dropout=0,0.2", "seed=range(3)"]
+    config.hydra.sweeper.params = {"activation": "relu,tanh"}  # as a preset sets them
+    compare.CompareAtEnd().on_multirun_start(config)
+    hparams, _ = read_experiment(tmp_path)
+    assert set(hparams[:3]) == {("model.dropout", True), ("seed", True), ("activation", True)}
+    assert ("model.l2", False) in hparams and not any(differs for _, differs in hparams[3:])
