@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 from fcexp.module import Classifier, class_indices
 from fcexp.stats import Interval, difference, holm, interval
-from fcexp.train import compose_config
+from fcexp.train import compose_config, quiet_lightning
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
@@ -624,7 +624,8 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"--seeds must be at least 2, got {seeds}: an interval and a test need two runs per arm")
     out = args.out or Path("runs/study") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    quiet_lightning()  # the warnings and hints a run filters (srun, deprecations), here too
+    for name in ("lightning.pytorch", "lightning.fabric"):  # and each fit's device notices, 72 times over
         logging.getLogger(name).setLevel(logging.WARNING)
     s = SETTINGS["quick" if args.quick else "full"]
     torch.set_num_threads(args.threads)
