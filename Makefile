@@ -30,6 +30,7 @@ study: $(STAMP)
 	$(PY) scripts/study.py $(ARGS)
 
 # fcexp against the common Lightning recipe, a hand-written loop and the arithmetic bound (about 3 minutes).
+# ARGS=--quick (a smoke test) writes runs/bench-quick.json instead, leaving the full bench's figures alone.
 bench: $(STAMP)
 	$(PY) scripts/bench.py --json runs/bench.json $(ARGS)
 

@@ -316,7 +316,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps of each method: checks the bench, not speed")
     parser.add_argument("--reps", type=int, default=None, help="repetitions of every method (default 3, quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per repetition (default 300)")
-    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="also write the results to this file; --quick writes beside it, to <name>-quick.json, and leaves the "
+        "full bench's figures alone",
+    )
     parser.add_argument(
         "--sweep",
         type=int,
@@ -432,9 +437,11 @@ def main() -> None:
     for name, value in result.get("sweep", {}).items():
         print(f"sweep {name}: {value}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        # `make bench ARGS=--quick` passes the full bench's file: a smoke test must not replace its figures.
+        path = args.json.with_name(f"{args.json.stem}-quick{args.json.suffix}") if args.quick else args.json
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,18 @@ from pathlib import Path
 
 from conftest import DATA_ROOT
 
+from fcexp.record import _cpu_model
+
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 METHODS = {"fcexp", "common recipe, 0 workers", "common recipe, 2 workers", "hand-written loop", "arithmetic bound"}
 
 
 def test_quick_bench_writes_all_methods(tmp_path, mnist_root):
-    out = tmp_path / "bench.json"
+    # `make bench ARGS=--quick` passes the full bench's --json runs/bench.json: a quick bench leaves that file alone.
+    full = tmp_path / "bench.json"
+    full.write_text('{"the full bench": "figures"}')
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json", str(out)],
+        [sys.executable, str(BENCH), "--quick", "--json", str(full)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -23,10 +27,17 @@ def test_quick_bench_writes_all_methods(tmp_path, mnist_root):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    assert full.read_text() == '{"the full bench": "figures"}'
+    quick = tmp_path / "bench-quick.json"
+    assert f"wrote {quick}" in proc.stdout
+    result = json.loads(quick.read_text())
     assert set(result["samples_per_s"]) >= METHODS
     assert all(v > 0 for v in result["samples_per_s"].values())
     assert set(result["ratios"]) >= {"fcexp/common", "fcexp/hand-written", "fcexp/arithmetic", "member/solo step, fp32"}
     assert result["process"]["wall_s"] > 0 and result["process"]["peak_rss_mb"] > 0
     assert 0.0 < result["process"]["test_acc"] <= 1.0
+    assert _cpu_model() in result["machine"] and _cpu_model() in proc.stdout
     assert "fcexp/common" in proc.stdout
+    # Into a file, the output carries no progress-bar redraws or colour codes, and no warnings.
+    assert "\r" not in proc.stdout + proc.stderr and "\x1b" not in proc.stdout + proc.stderr
+    assert proc.stderr == ""
