@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,13 @@ def test_quick_bench_writes_all_methods(tmp_path, mnist_root):
     assert 0.0 < result["process"]["test_acc"] <= 1.0
     assert _cpu_model() in result["machine"] and _cpu_model() in proc.stdout
     assert "fcexp/common" in proc.stdout
+    # The table's last column is each method's speed over fcexp's, as its header says (and the README's table).
+    assert "speed ÷ fcexp's (>1: faster than fcexp)" in proc.stdout
+    speed = result["samples_per_s"]
+    for name, value in speed.items():
+        (row,) = [line for line in proc.stdout.splitlines() if re.fullmatch(rf"{re.escape(name)}\s+[\d,]+\s+\S+", line)]
+        ratio = value / speed["fcexp"]  # from the JSON's whole samples/s: about 1% off the printed one at worst
+        assert abs(float(row.split()[-1].rstrip("x")) - ratio) <= 0.005 + 0.01 * ratio, row
     # Into a file, the output carries no progress-bar redraws or colour codes, and no warnings.
     assert "\r" not in proc.stdout + proc.stderr and "\x1b" not in proc.stdout + proc.stderr
     assert proc.stderr == ""
