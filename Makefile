@@ -25,7 +25,7 @@ LOGDIR ?= runs
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir $(LOGDIR) $(ARGS)
 
-# The activation and data-preparation study: a Markdown report with figures (ARGS="--quick" for a 1-minute check).
+# The activation and data-preparation study: a Markdown report with figures (ARGS="--quick": a half-minute check).
 study: $(STAMP)
 	$(PY) scripts/study.py $(ARGS)
 
