@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import DATA_ROOT
 
 from fcexp.record import _cpu_model
@@ -15,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 METHODS = {"fcexp", "common recipe, 0 workers", "common recipe, 2 workers", "hand-written loop", "arithmetic bound"}
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_all_methods(tmp_path, mnist_root):
     # `make bench ARGS=--quick` passes the full bench's --json runs/bench.json: a quick bench leaves that file alone.
     full = tmp_path / "bench.json"
