@@ -25,11 +25,12 @@ LOGDIR ?= runs
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir $(LOGDIR) $(ARGS)
 
-# The activation and data-preparation study: a Markdown report with figures (ARGS="--quick" for a 1-minute check).
+# The activation and data-preparation study: a Markdown report with figures (ARGS="--quick": a half-minute check).
 study: $(STAMP)
 	$(PY) scripts/study.py $(ARGS)
 
 # fcexp against the common Lightning recipe, a hand-written loop and the arithmetic bound (about 3 minutes).
+# ARGS=--quick (a smoke test) writes runs/bench-quick.json instead, leaving the full bench's figures alone.
 bench: $(STAMP)
 	$(PY) scripts/bench.py --json runs/bench.json $(ARGS)
 

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,7 +39,8 @@ from torchvision import transforms
 from torchvision.datasets import MNIST
 
 from fcexp.data import MEAN, STD, encode, ensure_mnist, normalize, read_idx
-from fcexp.train import compose_config, train
+from fcexp.record import _cpu_model, fcexp_command
+from fcexp.train import compose_config, quiet_lightning, train
 
 DATA_ROOT = os.environ.get("FCEXP_DATA", str(Path("~/.cache/fcexp").expanduser()))
 BATCH = 128
@@ -298,17 +298,18 @@ def sweep_costs(jobs: int, grid: bool, epochs: int, common: bool) -> dict[str, f
     if common and not grid:
         process = [sys.executable, __file__, f"--common-epochs={epochs}"]
         costs["common_recipe_processes_s"] = round(sum(timed(process) for _ in range(jobs)), 1)
-    for name in ("parallel", "packed", "packed_bf16", "common_recipe_processes"):
-        if f"{name}_s" in costs:
-            costs[f"sequential/{name}"] = round(costs["sequential_s"] / costs[f"{name}_s"], 2)
+    # Speeds, as every ratio of the bench: A/B is A's speed over B's (>1: A is faster), here B's time over A's.
+    for name in ("parallel", "packed", "packed_bf16"):
+        costs[f"{name}/sequential"] = round(costs["sequential_s"] / costs[f"{name}_s"], 2)
+    if "common_recipe_processes_s" in costs:  # fcexp's sweep beside the same jobs as separate processes
+        processes = costs["common_recipe_processes_s"]
+        costs["sequential/common_recipe_processes"] = round(processes / costs["sequential_s"], 2)
     return costs
 
 
 def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu or platform.processor()} ({os.cpu_count()} cores{gpu}), torch {torch.__version__}"
+    return f"{_cpu_model()} ({os.cpu_count()} cores{gpu}), torch {torch.__version__}"
 
 
 def main() -> None:
@@ -316,7 +317,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps of each method: checks the bench, not speed")
     parser.add_argument("--reps", type=int, default=None, help="repetitions of every method (default 3, quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per repetition (default 300)")
-    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="also write the results to this file; --quick writes beside it, to <name>-quick.json, and leaves the "
+        "full bench's figures alone",
+    )
     parser.add_argument(
         "--sweep",
         type=int,
@@ -343,15 +349,17 @@ def main() -> None:
     StepTimer.warmup = 2 if args.quick else 10
     device = "cuda" if torch.cuda.is_available() else "cpu"
     load_at_start = round(os.getloadavg()[0], 2)
+    quiet_lightning()  # the warnings and hints a run filters
     for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning sets its own levels at import
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|pin_memory).*")
+    # What the common recipe does on purpose: a DataLoader with 0 workers, pinned memory where there is no GPU.
+    warnings.filterwarnings("ignore", message=".*(does not have many workers|pin_memory).*")
 
     # The whole default run first, in a fresh process, while this one has forked no DataLoader workers.
     run_overrides = ["data.limit_train=1280", "trainer.max_epochs=1"] if args.quick else []
     process = whole_run(run_overrides)
     print(
-        f"python -m fcexp.train {' '.join(run_overrides)}: {process['wall_s']:.1f} s wall, "
+        f"{fcexp_command(*run_overrides)}: {process['wall_s']:.1f} s wall, "
         f"peak RSS {process['peak_rss_mb']} MB, test accuracy {process['test_acc']:.4f}",
         flush=True,
     )
@@ -424,17 +432,23 @@ def main() -> None:
         f"\n{result['machine']}, {result['date']}, median of {reps} x {steps} steps, batch {BATCH}, "
         f"load average {load_at_start} at start, {result['load_average_at_end']} at end"
     )
-    print(f"{'method':30s} {'samples/s':>10s} {'vs fcexp':>9s}")
+    print(f"{'method':30s} {'samples/s':>10s}  speed ÷ fcexp's (>1: faster than fcexp)")
     for name, value in median.items():
-        print(f"{name:30s} {value:10,.0f} {median['fcexp'] / value:8.2f}x")
+        print(f"{name:30s} {value:10,.0f}  {value / median['fcexp']:.2f}")
+    print("A/B below: A's speed over B's (>1: A is faster); member/solo step: a pack member's step time over a solo")
+    print("step's (<1: a member's step is cheaper)")
     for name, value in result["ratios"].items():
         print(f"{name}: {value}")
     for name, value in result.get("sweep", {}).items():
         print(f"sweep {name}: {value}")
+    for name, value in result.get("grid", {}).items():
+        print(f"grid {name}: {value}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        # `make bench ARGS=--quick` passes the full bench's file: a smoke test must not replace its figures.
+        path = args.json.with_name(f"{args.json.stem}-quick{args.json.suffix}") if args.quick else args.json
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import shlex
 import sys
 import time
 from collections import defaultdict
@@ -33,8 +35,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from fcexp.module import Classifier, class_indices
+from fcexp.record import _cpu_model, shell_program
 from fcexp.stats import Interval, difference, holm, interval
-from fcexp.train import compose_config
+from fcexp.train import compose_config, quiet_lightning
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
@@ -624,7 +627,8 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"--seeds must be at least 2, got {seeds}: an interval and a test need two runs per arm")
     out = args.out or Path("runs/study") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    quiet_lightning()  # the warnings and hints a run filters (srun, deprecations), here too
+    for name in ("lightning.pytorch", "lightning.fabric"):  # and each fit's device notices, 72 times over
         logging.getLogger(name).setLevel(logging.WARNING)
     s = SETTINGS["quick" if args.quick else "full"]
     torch.set_num_threads(args.threads)
@@ -645,15 +649,21 @@ def main(argv: list[str] | None = None) -> Path:
         timings.append(f"{title} {time.perf_counter() - t:.0f} s")
     total = time.perf_counter() - started
 
-    command = f"python scripts/study.py{' --quick' * args.quick} --seeds {seeds} --threads {args.threads} --out {out}"
+    # As the user's shell runs it: this environment's python and this script, from where the study ran.
+    script = os.path.relpath(__file__)
+    options = [*["--quick"] * args.quick, "--seeds", str(seeds), "--threads", str(args.threads), "--out", str(out)]
+    command = shlex.join([shell_program("python"), script if not script.startswith("..") else __file__, *options])
+    threads = torch.get_num_threads()
+    cpu = f"{threads} CPU thread{'s' * (threads != 1)} of {_cpu_model()} ({os.cpu_count()} cores)"
+    tensorboard = shlex.join([shell_program("tensorboard"), "--logdir", str(out / "runs")])
     steps = {part: study.arms[name][study.seeds[0]].steps for part, name in PARTS.items()}
     runs = sum(len(arm) for arm in study.arms.values())
     header = [
         "# What the seed claims, measured" + (" (quick mode: too few steps to judge the claims)" if args.quick else ""),
         "",
         f"Regenerate: `{command}` ({datetime.now():%Y-%m-%d %H:%M}, {len(study.arms)} arms x {seeds} seeds = {runs} "
-        f"runs in {total / 60:.1f} min on {torch.get_num_threads()} CPU threads: {', '.join(timings)}). Every number "
-        f"below comes from these runs; their TensorBoard events: `tensorboard --logdir {out / 'runs'}`.",
+        f"runs in {total / 60:.1f} min on {cpu}: {', '.join(timings)}). Every number below comes from these runs; "
+        f"their TensorBoard events, one folder per run (`<arm>_seed<s>`): `{tensorboard}`.",
         "",
         f"Each arm (a configuration) runs seeds {', '.join(map(str, study.seeds))}; the seed sets init, batch order "
         "and dropout. Numbers are the mean [95% t interval] over seeds. Comparisons give the difference with its 95% "
@@ -667,7 +677,8 @@ def main(argv: list[str] | None = None) -> Path:
         "a claim.",
     ]
     (out / "report.md").write_text("\n\n".join(["\n".join(header), *sections]) + "\n")
-    print(f"report: {out / 'report.md'} ({total / 60:.1f} min)")
+    print(f"TensorBoard, every run of the study: {tensorboard}")
+    print(f"report: {out / 'report.md'} ({runs} runs in {total / 60:.1f} min on {cpu})")
     return out
 
 

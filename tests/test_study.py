@@ -1,13 +1,19 @@
 """The study's real command in quick mode: a report with every section, its figures, intervals over seeds, a verdict
 for every comparison, and where it came from."""
 
+import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import matplotlib.image
 import pytest
+from conftest import DATA_ROOT, run_printed
+
+from fcexp.record import _cpu_model
 
 STUDY = Path(__file__).resolve().parents[1] / "scripts" / "study.py"
 SECTIONS = (
@@ -30,14 +36,38 @@ COMPARISON = re.compile(
 @pytest.mark.slow
 def test_quick_study_writes_a_report_with_every_section(mnist_root, tmp_path):
     out = tmp_path / "study"
+    # Where SLURM is installed, Lightning hints at srun at every fit: a stand-in srun on PATH lets the hint through.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
     proc = subprocess.run(
-        [sys.executable, str(STUDY), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600
+        [sys.executable, str(STUDY), "--quick", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FCEXP_DATA": DATA_ROOT, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # As clean as a run's output, also into a file: no warnings or hints, no progress-bar redraws or colour codes.
+    assert proc.stderr == ""
+    assert "\r" not in proc.stdout and "\x1b" not in proc.stdout
+    assert _cpu_model() in proc.stdout.splitlines()[-1]
     report = (out / "report.md").read_text()
     positions = [report.index(title) for title in SECTIONS]
     assert positions == sorted(positions)
-    assert f"python scripts/study.py --quick --seeds 2 --threads 1 --out {out}" in report
+    # The Regenerate line runs as printed from the user's shell (here the test's, with no venv activated): the
+    # same arguments, with --help to skip the minutes. It names the CPU and counts threads in good grammar.
+    (header,) = [line for line in report.splitlines() if line.startswith("Regenerate: ")]
+    command = header.split("`")[1]
+    assert command.endswith(f"study.py --quick --seeds 2 --threads 1 --out {out}")
+    shown = run_printed(f"{command} --help", cwd=tmp_path)
+    assert shown.returncode == 0 and "--seeds" in shown.stdout, shown.stderr[-3000:]
+    assert "1 CPU thread of " in header and _cpu_model() in header
+    # Its TensorBoard command names the study's own runs folder, with a program the user's shell finds.
+    tensorboard = shlex.split(re.search(r"`([^`]*tensorboard --logdir [^`]*)`", report)[1])
+    assert shutil.which(tensorboard[0]) and tensorboard[1:] == ["--logdir", str(out / "runs")]
     # Every arm ran once per seed, each run under its own TensorBoard name.
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert len(runs) == 24 * 2 and all(name.endswith(("_seed0", "_seed1")) for name in runs)
