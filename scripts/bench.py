@@ -39,7 +39,7 @@ from torchvision import transforms
 from torchvision.datasets import MNIST
 
 from fcexp.data import MEAN, STD, encode, ensure_mnist, normalize, read_idx
-from fcexp.record import _cpu_model, fcexp_command
+from fcexp.record import cpu_model, fcexp_command
 from fcexp.train import compose_config, quiet_lightning, train
 
 DATA_ROOT = os.environ.get("FCEXP_DATA", str(Path("~/.cache/fcexp").expanduser()))
@@ -309,7 +309,7 @@ def sweep_costs(jobs: int, grid: bool, epochs: int, common: bool) -> dict[str, f
 
 def machine() -> str:
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{_cpu_model()} ({os.cpu_count()} cores{gpu}), torch {torch.__version__}"
+    return f"{cpu_model()} ({os.cpu_count()} cores{gpu}), torch {torch.__version__}"
 
 
 def main() -> None:

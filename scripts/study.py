@@ -35,7 +35,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from fcexp.module import Classifier, class_indices
-from fcexp.record import _cpu_model, shell_program
+from fcexp.record import cpu_model, shell_program
 from fcexp.stats import Interval, difference, holm, interval
 from fcexp.train import compose_config, quiet_lightning
 
@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> Path:
     options = [*["--quick"] * args.quick, "--seeds", str(seeds), "--threads", str(args.threads), "--out", str(out)]
     command = shlex.join([shell_program("python"), script if not script.startswith("..") else __file__, *options])
     threads = torch.get_num_threads()
-    cpu = f"{threads} CPU thread{'s' * (threads != 1)} of {_cpu_model()} ({os.cpu_count()} cores)"
+    cpu = f"{threads} CPU thread{'s' * (threads != 1)} of {cpu_model()} ({os.cpu_count()} cores)"
     tensorboard = shlex.join([shell_program("tensorboard"), "--logdir", str(out / "runs")])
     steps = {part: study.arms[name][study.seeds[0]].steps for part, name in PARTS.items()}
     runs = sum(len(arm) for arm in study.arms.values())

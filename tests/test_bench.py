@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import DATA_ROOT
 
-from fcexp.record import _cpu_model
+from fcexp.record import cpu_model
 
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 METHODS = {"fcexp", "common recipe, 0 workers", "common recipe, 2 workers", "hand-written loop", "arithmetic bound"}
@@ -39,7 +39,7 @@ def test_quick_bench_writes_all_methods(tmp_path, mnist_root):
     assert set(result["ratios"]) >= {"fcexp/common", "fcexp/hand-written", "fcexp/arithmetic", "member/solo step, fp32"}
     assert result["process"]["wall_s"] > 0 and result["process"]["peak_rss_mb"] > 0
     assert 0.0 < result["process"]["test_acc"] <= 1.0
-    assert _cpu_model() in result["machine"] and _cpu_model() in proc.stdout
+    assert cpu_model() in result["machine"] and cpu_model() in proc.stdout
     assert "fcexp/common" in proc.stdout
     # The table's last column is each method's speed over fcexp's, as its header says (and the README's table).
     assert "speed ÷ fcexp's (>1: faster than fcexp)" in proc.stdout

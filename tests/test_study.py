@@ -13,7 +13,7 @@ import matplotlib.image
 import pytest
 from conftest import DATA_ROOT, run_printed
 
-from fcexp.record import _cpu_model
+from fcexp.record import cpu_model
 
 STUDY = Path(__file__).resolve().parents[1] / "scripts" / "study.py"
 SECTIONS = (
@@ -53,7 +53,7 @@ def test_quick_study_writes_a_report_with_every_section(mnist_root, tmp_path):
     # As clean as a run's output, also into a file: no warnings or hints, no progress-bar redraws or colour codes.
     assert proc.stderr == ""
     assert "\r" not in proc.stdout and "\x1b" not in proc.stdout
-    assert _cpu_model() in proc.stdout.splitlines()[-1]
+    assert cpu_model() in proc.stdout.splitlines()[-1]
     report = (out / "report.md").read_text()
     positions = [report.index(title) for title in SECTIONS]
     assert positions == sorted(positions)
@@ -64,7 +64,7 @@ def test_quick_study_writes_a_report_with_every_section(mnist_root, tmp_path):
     assert command.endswith(f"study.py --quick --seeds 2 --threads 1 --out {out}")
     shown = run_printed(f"{command} --help", cwd=tmp_path)
     assert shown.returncode == 0 and "--seeds" in shown.stdout, shown.stderr[-3000:]
-    assert "1 CPU thread of " in header and _cpu_model() in header
+    assert "1 CPU thread of " in header and cpu_model() in header
     # Its TensorBoard command names the study's own runs folder, with a program the user's shell finds.
     tensorboard = shlex.split(re.search(r"`([^`]*tensorboard --logdir [^`]*)`", report)[1])
     assert shutil.which(tensorboard[0]) and tensorboard[1:] == ["--logdir", str(out / "runs")]

@@ -234,7 +234,8 @@ def _git_state() -> dict[str, Any] | None:
     return None if commit is None else {"commit": commit, "dirty": dirty}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name: what run records, the study and the bench name beside their figures."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -269,7 +270,7 @@ def provenance() -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    device: dict[str, Any] = {"cpu": _cpu_model(), "threads": torch.get_num_threads()}
+    device: dict[str, Any] = {"cpu": cpu_model(), "threads": torch.get_num_threads()}
     if torch.cuda.is_available():  # NVML's answer: CUDA stays uninitialised, so ddp_fork can still fork
         device |= {"gpus": torch.cuda.device_count(), "cuda": torch.version.cuda}
     # `python -m fcexp.train` leaves the module's path in argv[0]; a sweep's workers have their launcher's argv.

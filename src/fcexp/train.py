@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 import fcexp.conf  # noqa: F401  registers the configs' resolvers, also in a sweep's worker processes
 from fcexp.data import DataError
@@ -259,7 +260,17 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
                 "final/test_acc": metrics["test/acc"],
                 "final/test_loss": metrics["test/loss"],
             }
-            member.logger.log_hyperparams(member.record.record["hparams"], {k: float(v) for k, v in final.items()})
+            final = {k: float(v) for k, v in final.items()}
+            member.logger.hparams.update(member.record.record["hparams"])  # its hparams.yaml
+            member.logger.log_metrics(final, step=0)
+            # The run's hparams (session start and end) but no HParams experiment of its own: TensorBoard shows the
+            # first experiment it finds, under its default loader a random run's, and a sweep writes its own with
+            # the swept knobs first (fcexp.compare.write_hparams_experiment). torch's SummaryWriter has no public
+            # call that writes a ready summary: _get_file_writer is the one add_hparams itself uses.
+            _, start, end = hparams_summaries(member.record.record["hparams"], final)
+            writer = member.logger.experiment._get_file_writer()
+            writer.add_summary(start)
+            writer.add_summary(end)
             member.logger.finalize("success")
     return results
 
