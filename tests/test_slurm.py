@@ -150,6 +150,7 @@ def test_a_slurm_sweep_is_a_local_sweep_and_a_diverging_job_fails_alone(slurm, t
     for job in jobs:
         on_slurm, here = record(tmp_path / "slurm" / job), record(tmp_path / "local" / job)
         assert files(tmp_path / "slurm" / job) == files(tmp_path / "local" / job), job
+        # Exactly: the same solo runs at the same shapes and thread count on the same CPU.
         assert on_slurm["status"] == here["status"] and on_slurm["metrics"] == here["metrics"], job
         assert on_slurm["provenance"]["slurm_job"] is not None and here["provenance"]["slurm_job"] is None
     diverged = record(tmp_path / "slurm" / next(j for j in jobs if "lr=10000" in j))

@@ -31,8 +31,17 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from fcexp.record import RECORD, RunRecord, fcexp_command, flat_hparams, override, override_key, shell_program
-from fcexp.stats import ALPHA, INTERVAL, Difference, Interval, difference, holm, interval
+from fcexp.record import (
+    RECORD,
+    RecordError,
+    RunRecord,
+    fcexp_command,
+    flat_hparams,
+    override,
+    override_key,
+    shell_program,
+)
+from fcexp.stats import ALPHA, INTERVAL, Difference, Interval, accuracy_interval, difference, holm
 
 log = logging.getLogger("fcexp")
 
@@ -135,37 +144,13 @@ class Job:
 
 
 # What compare reads of a record, and the JSON type each must have.
-RECORD_FIELDS = {"status": str, "hparams": dict, "overrides": list, "history": list, "metrics": dict}
-
-
-def record_problem(record: Any) -> str | None:
-    """Why a parsed metrics.json cannot be read as a run record; None when it can."""
-    if not isinstance(record, dict):
-        return f"a JSON {type(record).__name__} where a run record (an object) is expected"
-    for key, kind in RECORD_FIELDS.items():
-        if not isinstance(record.get(key), kind):
-            return f"{key!r} is {record.get(key)!r}, expected a JSON {'object' if kind is dict else kind.__name__}"
-    numbers = [("metrics", record["metrics"])] + [("history", h) for h in record["history"]]
-    for where, entry in numbers:
-        if not isinstance(entry, dict):
-            return f"a {where} entry is {entry!r}, expected a JSON object"
-        for key, value in entry.items():
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-                return f"{where} {key!r} is {value!r}, expected a number or null"
-    if any(not isinstance(h.get("epoch"), int) or not isinstance(h.get("step"), int) for h in record["history"]):
-        return "a history entry lacks its integer 'epoch' or 'step'"
-    return None
-
-
 def load_job(folder: Path) -> Job:
     """A job from its metrics.json; one that has not written it yet (or wrote a damaged one: status "unreadable",
     the reason its error) from the config Hydra saved when it started."""
     try:
-        # Absolute: an error that names the file reads the same wherever compare runs.
-        record = RunRecord.load(folder.absolute())
-        problem = record_problem(record) if record is not None else None
-    except (OSError, UnicodeDecodeError, ValueError) as err:  # ValueError: json's, or the record's own
-        record, problem = None, str(err)
+        record, problem = RunRecord.load(folder), None
+    except RecordError as err:
+        record, problem = None, err.reason
     if record is not None and problem is None:
         provenance = record.get("provenance") or {}
         threads = (provenance.get("device") or {}).get("threads")
@@ -332,12 +317,12 @@ class Config:
     @property
     def val(self) -> Interval | None:
         values = self.by_seed("val_best")
-        return interval(list(values.values())) if values else None
+        return accuracy_interval(list(values.values())) if values else None
 
     @property
     def test(self) -> Interval | None:
         values = self.by_seed("test")
-        return interval(list(values.values())) if values else None
+        return accuracy_interval(list(values.values())) if values else None
 
     @property
     def verdict(self) -> str:
@@ -438,7 +423,7 @@ def mean_curve(config: Config) -> tuple[list[int], list[Interval]]:
     """Validation accuracy per epoch over the config's seeds: the epochs every finished seed reached."""
     curves = [dict(job.val_curve) for job in config.jobs if job.val_curve]
     epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-    return epochs, [interval([c[e] for c in curves]) for e in epochs]
+    return epochs, [accuracy_interval([c[e] for c in curves]) for e in epochs]
 
 
 def plot_curves(configs: list[Config], knobs: list[str], path: Path) -> None:
@@ -541,7 +526,7 @@ def plot_by_knob(configs: list[Config], knobs: list[str], path: Path) -> None:
                 means = [c.test.mean for c in groups[value]]
                 offsets = [(j - (len(means) - 1) / 2) * 0.25 / max(len(means), 1) for j in range(len(means))]
                 ax.scatter([x + o for o in offsets], means, s=10, color="0.6", zorder=2)
-                runs = interval([v for c in groups[value] for v in c.by_seed("test").values()])
+                runs = accuracy_interval([v for c in groups[value] for v in c.by_seed("test").values()])
                 err = None if runs.low is None else [[runs.mean - runs.low], [runs.high - runs.mean]]
                 ax.errorbar(x, runs.mean, yerr=err, fmt="o", color="C3", ms=7, capsize=5, zorder=3)
             labels = [_fmt(v) for v in values]

@@ -297,10 +297,33 @@ def _reason(error: BaseException) -> str:
 
 
 class RecordError(ValueError):
-    """A metrics.json that cannot be read: damaged, or not a run record."""
+    """A metrics.json that cannot be read as a run record: damaged, or not one; `reason` says why."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} is damaged ({reason})")
+        self.reason = reason
 
 
-RECORD_KEYS = {"status", "overrides", "hparams", "history", "metrics"}
+RECORD_FIELDS = {"status": str, "hparams": dict, "overrides": list, "history": list, "metrics": dict}
+
+
+def _record_problem(record: Any) -> str | None:
+    """Why a parsed metrics.json cannot be read as a run record; None when it can."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__} where a run record (an object) is expected"
+    for key, kind in RECORD_FIELDS.items():
+        if not isinstance(record.get(key), kind):
+            return f"{key!r} is {record.get(key)!r}, expected a JSON {'object' if kind is dict else kind.__name__}"
+    numbers = [("metrics", record["metrics"])] + [("history", h) for h in record["history"]]
+    for where, entry in numbers:
+        if not isinstance(entry, dict):
+            return f"a {where} entry is {entry!r}, expected a JSON object"
+        for key, value in entry.items():
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                return f"{where} {key!r} is {value!r}, expected a number or null"
+    if any(not isinstance(h.get("epoch"), int) or not isinstance(h.get("step"), int) for h in record["history"]):
+        return "a history entry lacks its integer 'epoch' or 'step'"
+    return None
 
 
 class RunRecord(L.Callback):
@@ -360,9 +383,10 @@ class RunRecord(L.Callback):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError) as err:  # ValueError: bad JSON, or bytes that are not UTF-8
-            raise RecordError(f"{path} is damaged ({_first_line(err)})") from None
-        if not isinstance(record, dict) or not record.keys() >= RECORD_KEYS:
-            raise RecordError(f"{path} is not an fcexp run record (it lacks {', '.join(sorted(RECORD_KEYS))})")
+            raise RecordError(path, _first_line(err)) from None
+        problem = _record_problem(record)
+        if problem is not None:
+            raise RecordError(path, problem)
         return record
 
     def save(self) -> None:

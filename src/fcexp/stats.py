@@ -12,7 +12,6 @@ adjusted with Holm's step-down method, which keeps the chance of calling any tie
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,21 +43,33 @@ class Interval:
         return f"{self.mean:.4f} [{self.low:.4f}, {self.high:.4f}]"
 
 
-def interval(accuracies: Sequence[float]) -> Interval:
-    """The mean of accuracies (each in [0, 1]) with its interval, which stays inside (0, 1)."""
+def _t_interval(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    low, high = stats.t.interval(
+        CONFIDENCE, n - 1, loc=statistics.fmean(values), scale=statistics.stdev(values) / n**0.5
+    )
+    return float(low), float(high)
+
+
+def interval(values: Sequence[float]) -> Interval:
+    """The mean of any values with its 95% t interval (a loss, a gradient ratio's logarithm, seconds)."""
+    n, mean = len(values), statistics.fmean(values)
+    if n < 2:
+        return Interval(n, mean, None, None, None)
+    sd = statistics.stdev(values)
+    return Interval(n, mean, sd, mean, mean) if sd == 0 else Interval(n, mean, sd, *_t_interval(values))
+
+
+def accuracy_interval(accuracies: Sequence[float]) -> Interval:
+    """The mean of accuracies (each in [0, 1]) with its interval (`INTERVAL`), which stays inside (0, 1)."""
     outside = [a for a in accuracies if not 0 <= a <= 1]
     if outside:
         raise ValueError(f"an accuracy must be in [0, 1], got {outside[0]!r}")
-    n = len(accuracies)
-    mean = statistics.fmean(accuracies)
-    if n < 2:
-        return Interval(n, mean, None, None, None)
-    sd = statistics.stdev(accuracies)
-    if sd == 0:
-        return Interval(n, mean, 0.0, mean, mean)
-    logits = special.logit([min(max(a, EDGE), 1 - EDGE) for a in accuracies])
-    low, high = stats.t.interval(CONFIDENCE, n - 1, loc=logits.mean(), scale=logits.std(ddof=1) / math.sqrt(n))
-    return Interval(n, mean, sd, float(special.expit(low)), float(special.expit(high)))
+    plain = interval(accuracies)
+    if plain.low is None or plain.sd == 0:
+        return plain
+    low, high = _t_interval(special.logit([min(max(a, EDGE), 1 - EDGE) for a in accuracies]))
+    return Interval(plain.n, plain.mean, plain.sd, float(special.expit(low)), float(special.expit(high)))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -20,6 +21,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -53,7 +55,7 @@ from fcexp.record import (
     slurm_job,
 )
 from fcexp.schema import validated
-from fcexp.stats import interval
+from fcexp.stats import accuracy_interval
 
 log = logging.getLogger("fcexp")
 
@@ -84,6 +86,18 @@ def quiet_lightning() -> None:
     # that it handles SIGUSR1 (fcexp handles SLURM's SIGTERM: RunRecord, plan).
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)
     logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").addFilter(_no_tips)
+
+
+class PlainSweepLogs(Callback):
+    """A sweep's own log lines fit for where they go: off a terminal, Optuna's without its colour codes (its handler
+    colours whatever the stream), through Hydra's logging like every other line."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "optuna" in str(config.hydra.sweeper.get("_target_")) and not sys.stderr.isatty():
+            import optuna  # the sweeper imported it already
+
+            optuna.logging.disable_default_handler()
+            optuna.logging.enable_propagation()
 
 
 def user_error(err: InstantiationException) -> Exception:
@@ -324,7 +338,7 @@ def mean_best(bests: list[float]) -> float:
     failed), said with its interval."""
     best = sum(bests) / len(bests)
     if len(bests) > 1 and rank_zero_only.rank == 0 and not math.isnan(best):
-        log.info("mean best val accuracy over %d seeds: %s", len(bests), interval(bests))
+        log.info("mean best val accuracy over %d seeds: %s", len(bests), accuracy_interval(bests))
     return best
 
 
