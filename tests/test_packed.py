@@ -92,6 +92,9 @@ def test_each_member_is_a_run_with_everything_a_solo_run_has(packed_sweep):
     for folder in folders:
         record = json.loads((folder / "metrics.json").read_text())
         assert record["status"] == "completed" and record["provenance"]["git"] is not None
+        # Its time is its share of the pack's: a sweep's times add up to the sweep's.
+        assert record["pack"]["members"] == 4
+        assert record["wall_time_s"] == pytest.approx(record["pack"]["wall_time_s"] / 4, abs=0.01)
         assert (folder / ".hydra" / "config.yaml").is_file() and (folder / "train.log").stat().st_size > 0
         assert {p.name for p in (folder / "figures").iterdir()} >= {"confusion_matrix.png", "train_digits.png"}
         ev = events(folder)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pty
+import subprocess
+import sys
 from collections import Counter
 from typing import ClassVar
 
@@ -36,6 +41,45 @@ def test_short_run_learns(quick_run):
     assert [h["epoch"] for h in record["history"]] == [0, 1, 2]
     assert record["history"][-1]["step"] == 300
     assert record["hparams"]["activation"] == "relu" and record["wall_time_s"] > 0
+    versions = record["provenance"]["versions"]
+    assert versions["torch"] == torch.__version__ and versions["torch_cuda"] == torch.version.cuda  # the build
+
+
+def test_output_to_a_file_reads_as_a_log(quick_run):
+    """Output to a pipe: Lightning's plain model summary (its terminal table is cut to 80 columns), no bars;
+    train.log holds one line per epoch."""
+    run_dir, proc, _ = quick_run
+    output = proc.stdout + proc.stderr
+    assert "PackedMLP" in output and "┏" not in output and "\r" not in output
+    # callbacks.progress.refresh_rate=0 (QUICK): no progress on stdout, but the epochs in train.log.
+    assert "] - epoch " not in output
+    assert len([line for line in (run_dir / "train.log").read_text().splitlines() if "] - epoch " in line]) == 3
+
+
+def test_train_log_holds_each_epoch_when_output_goes_to_a_terminal(mnist_root, tmp_path):
+    """On a terminal tqdm's bars show the epochs; train.log still gets one line per epoch."""
+    primary, replica = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcexp.train", *QUICK, "data.limit_train=2560", "callbacks=plain"],
+        cwd=tmp_path,
+        stdout=replica,
+        stderr=replica,
+        env={**os.environ, "FCEXP_DATA": mnist_root},
+    )
+    os.close(replica)
+    shown = b""
+    with contextlib.suppress(OSError):  # the terminal closes with the run
+        while chunk := os.read(primary, 65536):
+            shown += chunk
+    assert proc.wait(timeout=300) == 0, shown[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    log = (run_dir / "train.log").read_text()
+    assert [line.split("] - ")[1].split(":")[0] for line in log.splitlines() if "] - epoch " in line] == [
+        "epoch 1/3",
+        "epoch 2/3",
+        "epoch 3/3",
+    ]
+    assert b"\r" in shown and b"] - epoch " not in shown  # the bars, not the lines, on the terminal
 
 
 def test_run_folder_holds_config_checkpoints_and_events(quick_run):

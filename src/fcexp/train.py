@@ -314,6 +314,11 @@ def _remove_if_refused(run_dir: Path) -> bool:
     if not run_dir.is_dir() or any(p.name not in written_first for p in run_dir.iterdir()):
         return False
     shutil.rmtree(run_dir)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        if Path(handler.baseFilename).is_relative_to(run_dir.absolute()):  # its train.log: gone with the folder
+            root.removeHandler(handler)
+            handler.close()
     return True
 
 
