@@ -153,12 +153,13 @@ def test_a_rerun_carries_the_threads_its_job_trained_with(tmp_path, capsys, laun
 def test_compare_md_reads_the_same_from_any_directory(tmp_path, monkeypatch):
     sweep = grid(tmp_path, cwd=str(tmp_path))
     texts = []
-    for here, name in ((tmp_path, "runs/sweeps/2026-12-01_10-00-00"), (sweep.parent, sweep.name)):
+    for here, name in ((tmp_path, "runs/sweeps/2026-12-01_10-00-00"), (sweep.parent, sweep.name), (sweep, ".")):
         monkeypatch.chdir(here)
         compare.main([name])
         texts.append((sweep / compare.TABLE).read_bytes())
-    assert texts[0] == texts[1]
+    assert texts[0] == texts[1] == texts[2]
     notes = texts[0].decode()
+    assert notes.startswith("# 2026-12-01_10-00-00\n")
     assert f"Commands run from {tmp_path}." in notes  # multirun.yaml's hydra.runtime.cwd
     assert "best: activation=relu, dropout=0.2 (val acc 0.9600, test acc 0.9500) in activation=relu," in notes
 

@@ -21,7 +21,7 @@ from test_faults import run_main
 
 from fcexp import evaluate
 from fcexp.record import INTERRUPTED, AtomicCheckpointIO, checkpoint_step
-from fcexp.train import compose_config, train
+from fcexp.train import cli, compose_config, train
 
 # 10 steps an epoch; the best epoch's checkpoint and last.ckpt are both kept.
 TINY = ["data.limit_train=1280", "trainer.max_epochs=2", "callbacks=plain", "callbacks.progress.refresh_rate=0"]
@@ -74,9 +74,15 @@ def test_a_resume_that_changes_the_nets_shape_is_refused_and_writes_nothing(
     change, named, run_copy, monkeypatch, capsys
 ):
     before = contents(run_copy)
-    line = refused([f"resume={run_copy}", change, "trainer.max_epochs=3"], run_copy.parent, monkeypatch, capsys)
+    # Its epochs are done too, but no number of epochs would let it continue: the net is what it is told.
+    line = refused([f"resume={run_copy}", change], run_copy.parent, monkeypatch, capsys)
     assert named.format(run=run_copy) in line and "a resume continues the same net" in line
     assert contents(run_copy) == before  # byte for byte: record, config, logs, checkpoints
+    # Also with a checkpoint to skip: the resume says which only once it continues.
+    truncate(run_copy / "checkpoints" / "last.ckpt")
+    before = contents(run_copy)
+    assert named.format(run=run_copy) in refused([f"resume={run_copy}", change], run_copy.parent, monkeypatch, capsys)
+    assert contents(run_copy) == before
 
 
 def test_a_resume_with_no_checkpoint_that_loads_is_refused_and_writes_nothing(run_copy, monkeypatch, capsys):
@@ -120,6 +126,27 @@ def test_a_damaged_record_is_named(damage, run_copy, monkeypatch, capsys):
     (run_copy / "metrics.json").write_bytes(damage)
     line = refused([f"resume={run_copy}", "trainer.max_epochs=3"], run_copy.parent, monkeypatch, capsys)
     assert line.startswith(f"error: {run_copy / 'metrics.json'} is damaged (")
+
+
+def test_an_empty_path_is_refused_before_hydra_reads_it(tmp_path, monkeypatch, capsys):
+    """Hydra takes `hydra.run.dir=` for the working directory: the run would land in the checkout itself."""
+    for key in ("hydra.run.dir", "runs_dir", "resume"):
+        assert run_main([f"{key}="], tmp_path, monkeypatch, entry=cli) == 2
+        assert capsys.readouterr().err == f"error: {key} must be a path, got ''\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rerunning_a_finished_sweep_without_skip_finished_leaves_its_jobs_as_they_were(
+    mnist_root, tmp_path, monkeypatch, capsys
+):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "data.limit_train=640", "trainer.max_epochs=1", "callbacks=plain", f"hydra.sweep.dir={sweep}"]
+    assert run_main(args, tmp_path, monkeypatch) is None
+    (job,) = [p for p in sweep.iterdir() if (p / "metrics.json").is_file()]
+    before = contents(job)
+    assert run_main(args, tmp_path, monkeypatch) is None
+    assert f"error: job {job.name} refused: {job} holds a completed run" in capsys.readouterr().err
+    assert contents(job) == before  # its train.log too
 
 
 class CheckpointIOProbe(L.Callback):

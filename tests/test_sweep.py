@@ -228,6 +228,10 @@ def test_optuna_study_finishes_and_reports_its_best(mnist_root, tmp_path):
     assert {"activation", "optimizer.lr"} <= set(rows[0])
     # Off a terminal Optuna's lines carry no colour codes; they come through Hydra's logging.
     assert "\x1b[" not in proc.stdout + proc.stderr and "A new study created in memory" in proc.stdout
+    assert "alembic" not in proc.stdout  # the plugins Optuna's storage sets up at import: nothing to act on
+    # A search chooses its own trials: its seed is replicated by replicates=N, not swept (which would search it).
+    (advice,) = [line for line in proc.stdout.splitlines() if "replicate it with: " in line]
+    assert advice.endswith("replicates=3") and "seed=" not in advice
 
 
 @pytest.fixture(scope="module")

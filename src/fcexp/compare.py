@@ -37,7 +37,6 @@ from fcexp.record import (
     RunRecord,
     fcexp_command,
     flat_hparams,
-    override,
     override_key,
     shell_program,
 )
@@ -290,7 +289,7 @@ def table_rows(jobs: list[Job], knobs: list[str]) -> tuple[list[str], list[list[
             _fmt(job.val_best, 4),
             _fmt(job.val_final, 4),
             _fmt(job.test, 4),
-            str(len(job.val_curve)),
+            str(len(job.val_curve)) if job.status != "unreadable" else "-",  # what it trained is unknown
             _fmt(job.wall_time_s, 1),
             job.status,
         ]
@@ -468,7 +467,7 @@ def plot_curves(configs: list[Config], knobs: list[str], path: Path) -> None:
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
     band = f"\n(mean over seeds, band: {INTERVAL})" if replicated(configs) else ""
-    ax.set_title(f"{path.parent.name}: validation accuracy of {len(ranked)} configurations{band}")
+    ax.set_title(f"{path.parent.absolute().name}: validation accuracy of {len(ranked)} configurations{band}")
     fig.savefig(path, dpi=110)
 
 
@@ -538,7 +537,8 @@ def plot_by_knob(configs: list[Config], knobs: list[str], path: Path) -> None:
         ax.grid(alpha=0.3)
         if i % cols == 0:
             ax.set_ylabel("test accuracy")
-    fig.suptitle(f"{path.parent.name}: test accuracy by swept knob\n(red: mean over its runs and its {INTERVAL})")
+    sweep = path.parent.absolute().name
+    fig.suptitle(f"{sweep}: test accuracy by swept knob\n(red: mean over its runs and its {INTERVAL})")
     fig.savefig(path, dpi=110)
 
 
@@ -688,7 +688,7 @@ def report(sweep_dir: Path) -> str:
     start = sweep_start(sweep_dir, jobs)
     notes = [f"Commands run from {start}.", *summary(sweep_dir, jobs, configs, knobs, start)]
     (sweep_dir / TABLE).write_text(
-        f"# {sweep_dir.name}\n\n{tables}## Jobs\n\n{format_table(header, rows, markdown=True)}\n\n"
+        f"# {sweep_dir.absolute().name}\n\n{tables}## Jobs\n\n{format_table(header, rows, markdown=True)}\n\n"
         + "\n\n".join(notes)
         + "\n"
     )
@@ -710,7 +710,7 @@ def report(sweep_dir: Path) -> str:
     command = sweep_command(sweep_dir)
     if command is not None and any(j.status in ("interrupted", "cancelled") for j in jobs):
         # Last, where it does not scroll away: how the stopped jobs continue from their checkpoints.
-        finish = fcexp_command("-m", *command, override("hydra.sweep.dir", sweep_dir.absolute()), "skip_finished=true")
+        finish = fcexp_command("-m", *command, f"hydra.sweep.dir={sweep_dir.absolute()}", "skip_finished=true")
         lines.append(f"finish the sweep with: {finish}")
     shown = format_table(config_header, config_table) if replicates else format_table(header, rows)
     return "\n".join([shown, "", *lines])
@@ -724,6 +724,10 @@ class CompareAtEnd(Callback):
         if rank_zero_only.rank != 0:
             return
         sweep_dir = Path(config.hydra.sweep.dir)  # claimed here, first: the sweep's jobs get the same folder
+        if not (sweep_dir / MULTIRUN).is_file():
+            # Hydra's basic sweeper writes the sweep's config; Optuna's does not, and compare reads from it how the
+            # sweep ran (its sweeper, its command) for the replicate and finish commands.
+            OmegaConf.save(config, sweep_dir / MULTIRUN)
         try:
             write_hparams_experiment(sweep_dir, *planned_hparams(config))
         except Exception as err:  # TensorBoard's column order is no reason to stop a sweep; compare writes it again

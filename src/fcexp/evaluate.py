@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcexp.data import DataError, MNISTDataModule
 from fcexp.module import Classifier
-from fcexp.record import CHECKPOINTS, RECORD, quote_paths, read_checkpoint, resume_checkpoint
+from fcexp.record import CHECKPOINTS, RECORD, read_checkpoint, resume_checkpoint, take_paths_as_typed
 from fcexp.train import quiet_lightning
 
 USAGE = "usage: python -m fcexp.evaluate ckpt_path=<checkpoint file or run folder> [data_root=<folder>]"
@@ -67,5 +67,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = quote_paths(sys.argv[1:])
+    take_paths_as_typed()
     main()

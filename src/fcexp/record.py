@@ -206,9 +206,24 @@ def quote_paths(args: list[str]) -> list[str]:
     quoted = []
     for arg in args:
         key, sep, value = arg.partition("=")
-        bare = value and not (len(value) > 1 and value[0] == value[-1] and value[0] in "'\"")
-        quoted.append(override(key, value) if sep and key.lstrip("+") in PATH_KEYS and bare else arg)
+        if not (sep and key.lstrip("+") in PATH_KEYS):
+            quoted.append(arg)
+            continue
+        if not value.strip("'\" "):  # Hydra would take '' for the working directory: a run in the checkout
+            raise ValueError(f"{key.lstrip('+')} must be a path, got {value!r}")
+        bare = not (len(value) > 1 and value[0] == value[-1] and value[0] in "'\"")
+        quoted.append(override(key, value) if bare else arg)
     return quoted
+
+
+def take_paths_as_typed() -> None:
+    """An entry point's command line (sys.argv) with its paths quoted for Hydra (quote_paths); an empty one is
+    refused in one line."""
+    try:
+        sys.argv[1:] = quote_paths(sys.argv[1:])
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def fcexp_command(*args: str, start: str | None = None) -> str:

@@ -45,14 +45,13 @@ from fcexp.record import (
     fcexp_command,
     flat_hparams,
     mark,
-    override,
     override_key,
-    quote_paths,
     read_checkpoint,
     requeued,
     resume_checkpoint,
     shell_program,
     slurm_job,
+    take_paths_as_typed,
 )
 from fcexp.schema import validated
 from fcexp.stats import accuracy_interval
@@ -305,7 +304,7 @@ def resumed_config(previous: dict, extra: list[str]) -> tuple[DictConfig, list[s
 def finish_sweep_command(sweep_dir: Path) -> str:
     """The command that reruns this sweep into its folder, skipping the jobs that completed."""
     keep = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweep.dir=", "skip_finished="))]
-    return fcexp_command(*keep, override("hydra.sweep.dir", sweep_dir), "skip_finished=true")
+    return fcexp_command(*keep, f"hydra.sweep.dir={sweep_dir}", "skip_finished=true")
 
 
 def _remove_if_refused(run_dir: Path) -> bool:
@@ -375,9 +374,10 @@ def plan_job(cfg: DictConfig, sweep_dir: Path) -> list[Job | float]:
                     raise user_error(err) from None
             plans.append(job)
         except Exception as err:
-            if RunRecord.load(folder) is None:  # a new job refused: recorded as failed, as other launchers do
+            new = not (folder / RECORD).is_file()
+            if new:  # a new job refused: recorded as failed, as other launchers do
                 mark(one, folder, args, "failed", f"{type(err).__name__}: {err}")
-            plans.append(failed(err, folder, None, sweep_dir))
+            plans.append(failed(err, folder, None, sweep_dir, started=new))
     return plans
 
 
@@ -482,31 +482,28 @@ def plan(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path |
         if previous["status"] == "completed":  # requeued after the run ended, before its job did
             return previous["metrics"]["val/acc_best"]
         log.info("SLURM restarted job %s (requeued or preempted): continuing %s", slurm_job(), run_dir)
-        check_resume(cfg, run_dir, previous)
+        tell(check_resume(cfg, run_dir, previous))
         return Job(cfg, run_dir, overrides, resume=True)
     if cfg.resume:  # conf/__init__.py checked that it is a run folder
         cfg, overrides = resumed_config(previous, overrides)
+        notes = check_resume(cfg, run_dir, previous)  # a net it cannot continue first: no epochs would fix that
         done = len(previous["history"])
         if previous["status"] == "completed" and cfg.trainer.max_epochs <= done:
             raise ValueError(
                 f"{run_dir} completed its {done} epochs; to train it further, add trainer.max_epochs=<more than {done}>"
             )
-        check_resume(cfg, run_dir, previous)
+        tell(notes)
         return Job(cfg, run_dir, overrides, resume=True)
     if previous is not None and previous["status"] == "completed" and rank_zero_only.rank == 0:
         if cfg.skip_finished:
             log.info("skipping %s: finished before (skip_finished=true)", run_dir.name)
             return previous["metrics"]["val/acc_best"]
-        fix = (
-            "rerun the sweep with skip_finished=true"
-            if sweep_dir
-            else f"continue it with {override('resume', run_dir)}"
-        )
+        fix = "rerun the sweep with skip_finished=true" if sweep_dir else f"continue it with resume={run_dir}"
         raise ValueError(f"{run_dir} holds a completed run; {fix}, or start in a new folder")
     # A sweep rerun (skip_finished) continues its stopped jobs from their checkpoints.
     resume = previous is not None and bool(cfg.skip_finished)
     if resume:
-        check_resume(cfg, run_dir, previous)
+        tell(check_resume(cfg, run_dir, previous))
     return Job(cfg, run_dir, overrides, resume=resume)
 
 
@@ -514,10 +511,15 @@ def plan(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path |
 SHAPE_KNOBS = ("model.hidden", "model.batch_norm", "activation.num_parameters")
 
 
-def check_resume(cfg: DictConfig, run_dir: Path, previous: dict) -> None:
-    """Refuse, before anything is written, a resume that cannot continue: no checkpoint that loads, none kept, or a
-    net of another shape than the one its checkpoint holds. Say which checkpoint it continues from, and which newer
-    ones it skipped."""
+def tell(notes: list[str]) -> None:
+    for note in notes:
+        (log.warning if note.startswith("skipped") else log.info)(note)
+
+
+def check_resume(cfg: DictConfig, run_dir: Path, previous: dict) -> list[str]:
+    """Refuse a resume that cannot continue: no checkpoint that loads, none kept, or a net of another shape than
+    the one its checkpoint holds. Nothing is written: what to tell the user (the checkpoint it continues from, the
+    newer ones it skipped) is returned, for once every check has passed."""
     path, skipped = resume_checkpoint(run_dir)
     if path is None:
         if skipped:
@@ -527,10 +529,7 @@ def check_resume(cfg: DictConfig, run_dir: Path, previous: dict) -> None:
             )
         if cfg.callbacks.get("checkpoint") is None and cfg.callbacks.get("last") is None:
             raise ValueError(f"{run_dir} kept no checkpoints (its callbacks have none): nothing to resume from")
-        log.info("%s stopped before its first checkpoint: training it again from step 0", run_dir)
-        return
-    for reason in skipped:
-        log.warning("skipped %s", reason)
+        return [f"{run_dir} stopped before its first checkpoint: training it again from step 0"]
     state = read_checkpoint(path)["state_dict"]
     try:
         net = instantiate(cfg.model).state_dict()
@@ -547,7 +546,8 @@ def check_resume(cfg: DictConfig, run_dir: Path, previous: dict) -> None:
             f"{new} changes the net {run_dir} trained ({old}); a resume continues the same net: drop "
             f"{'that override' if len(changed) == 1 else 'those overrides'}, or start a new run"
         )
-    log.info("continuing %s from %s (step %d)", run_dir, path.relative_to(run_dir), checkpoint_step(path))
+    notes = [f"skipped {reason}" for reason in skipped]
+    return [*notes, f"continuing {run_dir} from {path.relative_to(run_dir)} (step {checkpoint_step(path)})"]
 
 
 def interrupted(run_dirs: list[Path], sweep_dir: Path | None) -> None:
@@ -556,7 +556,7 @@ def interrupted(run_dirs: list[Path], sweep_dir: Path | None) -> None:
     if rank_zero_only.rank == 0:
         if len(run_dirs) == 1:
             print(
-                f"interrupted; continue this run with: {fcexp_command(override('resume', run_dirs[0]))}",
+                f"interrupted; continue this run with: {fcexp_command(f'resume={run_dirs[0]}')}",
                 file=sys.stderr,
             )
         else:
@@ -572,12 +572,17 @@ def interrupted(run_dirs: list[Path], sweep_dir: Path | None) -> None:
     sys.exit(130)
 
 
-def failed(err: Exception, run_dir: Path, previous: dict | None, sweep_dir: Path | None) -> float:
+def failed(err: Exception, run_dir: Path, previous: dict | None, sweep_dir: Path | None, started: bool = True) -> float:
     """A run that failed: in a sweep (`sweep_dir`) it is recorded and returned as NaN so that the other jobs go on;
-    otherwise one line for the user (a value to change, or a divergence) and an exit status."""
+    otherwise one line for the user (a value to change, or a divergence) and an exit status. One refused before it
+    `started` (a completed job rerun without skip_finished, a resume that cannot continue) leaves its train.log as
+    it was: the line goes to the console only."""
     if sweep_dir:
         # One bad job must not end a sweep: it is recorded as failed and the others go on.
-        log.error("job %s failed: %s", run_dir.name, err)
+        if started:
+            log.error("job %s failed: %s", run_dir.name, err)
+        elif rank_zero_only.rank == 0:
+            print(f"error: job {run_dir.name} refused: {err}", file=sys.stderr)
         return math.nan
     # A new run refused is removed; a folder with a record of its own, even a damaged one, never.
     new = previous is None and not isinstance(err, RecordError)
@@ -611,8 +616,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path | 
     try:
         previous = RunRecord.load(run_dir)
         job = plan(cfg, run_dir, overrides, sweep_dir)
-        if not isinstance(job, Job):
-            return job
+    except Exception as err:
+        return failed(err, run_dir, previous, sweep_dir, started=False)
+    if not isinstance(job, Job):
+        return job
+    try:
         result = train(job.cfg, run_dir, job.overrides, resume=job.resume)
     except KeyboardInterrupt:
         interrupted([run_dir], sweep_dir)
@@ -634,7 +642,7 @@ def main(cfg: DictConfig) -> float:
 
 def cli() -> None:
     """`python -m fcexp.train`: main, with each path on the command line taken as the shell gave it."""
-    sys.argv[1:] = quote_paths(sys.argv[1:])
+    take_paths_as_typed()
     main()
 
 
