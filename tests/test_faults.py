@@ -128,7 +128,7 @@ def test_missing_files_are_rebuilt_atomically(data_copy):
 
 
 def test_same_seed_same_numbers(tmp_path, mnist_root):
-    overrides = [*QUICK, "trainer.max_epochs=2", "data.limit_train=5000"]
+    overrides = [*QUICK, "trainer.max_epochs=2", "data.limit_train=5000", "model.hidden=[128,128]"]
     histories = []
     for name in ("a", "b"):
         cfg = compose_config(*overrides)
@@ -328,27 +328,25 @@ def test_runs_started_together_get_a_folder_each(tmp_path, mnist_root):
 
 
 @pytest.mark.slow
-def test_a_completed_run_is_never_overwritten(tmp_path, mnist_root):
+def test_a_completed_run_is_never_overwritten(tmp_path, mnist_root, monkeypatch, capsys):
     tiny = ["data.limit_train=1280", "trainer.max_epochs=1", "callbacks=plain", "callbacks.progress.refresh_rate=0"]
-    first = run_cli("fcexp.train", *tiny, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
+    assert run_main(tiny, tmp_path, monkeypatch) is None
     (run_dir,) = (tmp_path / "runs").iterdir()
+    capsys.readouterr()
 
     def contents() -> dict[str, bytes]:
         return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
     before = contents()
-    again = run_cli("fcexp.train", *tiny, "seed=5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert again.returncode == 2
-    assert again.stderr.strip() == (
+    assert run_main([*tiny, "seed=5", f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch) == 2
+    assert capsys.readouterr().err.strip() == (
         f"error: {run_dir} holds a completed run; continue it with resume={run_dir}, or start in a new folder"
     )
     assert contents() == before  # not a file added or changed
     # Resuming it with nothing left to train is refused too (it once tested again and lost its val metrics), before
     # anything is written.
-    resumed = run_cli("fcexp.train", f"resume={run_dir}", cwd=tmp_path)
-    assert resumed.returncode == 2
-    assert resumed.stderr.strip() == (
+    assert run_main([f"resume={run_dir}"], tmp_path, monkeypatch) == 2
+    assert capsys.readouterr().err.strip() == (
         f"error: {run_dir} completed its 1 epochs; to train it further, add trainer.max_epochs=<more than 1>"
     )
     assert contents() == before

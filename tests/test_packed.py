@@ -16,7 +16,7 @@ import torch
 from conftest import run_cli, start_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
-from test_faults import CLI_ENV, wait_for
+from test_faults import CLI_ENV, run_main, wait_for
 
 from fcexp.module import Classifier
 from fcexp.pack import Member, member_checkpoint, merged_checkpoint, pack_sizes
@@ -138,21 +138,19 @@ def test_with_dropout_packed_and_solo_replicates_agree(mnist_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_diverging_member_fails_alone(mnist_root, tmp_path):
+def test_a_diverging_member_fails_alone(mnist_root, tmp_path, monkeypatch, capsys):
     """Members may differ in learning rate; the one that diverges is stopped and recorded, the other is unchanged:
     exactly what it is beside a healthy pack-mate of a learning rate close to its own, in a pack of the same size
     (a pack of another size sums its batched products in another order: equal only within that rounding)."""
     args = ["data.limit_train=5000", "trainer.max_epochs=1", "model.dropout=0", "optimizer=sgd", "callbacks=plain"]
     args += ["trainer.log_every_n_steps=5"]
-    proc = run_cli("fcexp.train", *PACKED, *args, "optimizer.lr=0.05,10000", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "training a pack of 2" in proc.stdout
+    assert run_main([*PACKED, *args, "optimizer.lr=0.05,10000"], tmp_path, monkeypatch) is None
+    assert "training a pack of 2" in capsys.readouterr().out
     by_lr = {r["hparams"]["optimizer.lr"]: r for r in records(only_sweep(tmp_path)).values()}
     assert by_lr[10000]["status"] == "failed" and "loss is nan" in by_lr[10000]["error"]
     assert by_lr[0.05]["status"] == "completed"
-    healthy = run_cli("fcexp.train", *PACKED, *args, "optimizer.lr=0.05,0.05001", "runs_dir=healthy", cwd=tmp_path)
-    assert healthy.returncode == 0, healthy.stderr[-3000:]
-    assert "training a pack of 2" in healthy.stdout
+    assert run_main([*PACKED, *args, "optimizer.lr=0.05,0.05001", "runs_dir=healthy"], tmp_path, monkeypatch) is None
+    assert "training a pack of 2" in capsys.readouterr().out
     reference = {
         r["hparams"]["optimizer.lr"]: r for r in records(next((tmp_path / "healthy" / "sweeps").iterdir())).values()
     }
@@ -253,14 +251,13 @@ def test_packs_split_evenly():
     assert sum(pack_sizes(240, 16)) == 240
 
 
-def test_members_that_cannot_share_a_model_train_in_separate_packs(mnist_root, tmp_path):
+def test_members_that_cannot_share_a_model_train_in_separate_packs(mnist_root, tmp_path, monkeypatch, capsys):
     args = [*SMALL, "data.limit_train=1000", "callbacks=plain", "model.hidden=[32],[48]", "activation=relu,tanh,prelu"]
-    proc = run_cli("fcexp.train", *PACKED, *args, "optimizer=adam,sgd", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_main([*PACKED, *args, "optimizer=adam,sgd"], tmp_path, monkeypatch) is None
     # Widths and optimizer types split the 12 jobs four ways; a learned activation (prelu) trains alone.
     sizes = [
         int(line.split("training a pack of ")[1].split(":")[0])
-        for line in proc.stdout.splitlines()
+        for line in capsys.readouterr().out.splitlines()
         if "training a pack of " in line
     ]
     assert sorted(sizes) == [1, 1, 1, 1, 2, 2, 2, 2]
@@ -327,11 +324,11 @@ def test_member_checkpoints_cut_and_merge_back_exactly():
             assert torch.equal(after[p][moment][rows], entry[moment][rows]), (name, moment)
 
 
-def test_a_refused_value_fails_its_job_and_the_rest_still_pack(mnist_root, tmp_path):
+def test_a_refused_value_fails_its_job_and_the_rest_still_pack(mnist_root, tmp_path, monkeypatch, capsys):
     args = ["data.limit_train=1000", "callbacks=plain", "model.hidden=[32]", *SMALL[1:2], *SMALL[3:]]
-    proc = run_cli("fcexp.train", *PACKED, *args, "model.dropout=0,0.2,1.5", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "training a pack of 2" in proc.stdout and "one by one" not in proc.stdout
+    assert run_main([*PACKED, *args, "model.dropout=0,0.2,1.5"], tmp_path, monkeypatch) is None
+    out = capsys.readouterr().out
+    assert "training a pack of 2" in out and "one by one" not in out
     by_dropout = {r["hparams"]["model.dropout"]: r for r in records(only_sweep(tmp_path)).values()}
     assert by_dropout[1.5]["status"] == "failed" and "dropout must be in [0, 1), got 1.5" in by_dropout[1.5]["error"]
     assert by_dropout[0]["status"] == by_dropout[0.2]["status"] == "completed"

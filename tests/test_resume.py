@@ -16,7 +16,6 @@ from typing import ClassVar
 import lightning as L
 import pytest
 import torch
-from conftest import run_cli
 from test_faults import run_main
 
 from fcexp import evaluate
@@ -221,21 +220,19 @@ def test_evaluate_names_a_file_it_cannot_use_in_one_line(finished, tmp_path, mon
     )
 
 
-@pytest.mark.slow
-def test_paths_are_taken_as_the_shell_gives_them(mnist_root, tmp_path):
-    """A sweep member's folder (`=`, `,`) under a folder with a space, unquoted, as tab completion types it: the run
-    starts there, evaluate reads its checkpoint, resume continues it."""
+def test_paths_are_taken_as_the_shell_gives_them(mnist_root, tmp_path, monkeypatch, capsys):
+    """A sweep member's folder (`=`, `,`) under a folder with a space, unquoted, as tab completion types it, through
+    the entry points' command-line handling: the run starts there, evaluate reads its checkpoint, resume continues
+    it."""
     run_dir = tmp_path / "my runs" / "activation=relu,model.dropout=0.2"
-    args = ["data.limit_train=1280", "trainer.max_epochs=1", "callbacks=plain"]
-    first = run_cli("fcexp.train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
+    args = ["data.limit_train=1280", "trainer.max_epochs=1", "callbacks=plain", "callbacks.progress.refresh_rate=0"]
+    assert run_main([*args, f"hydra.run.dir={run_dir}"], tmp_path, monkeypatch, entry=cli) is None
     record = json.loads((run_dir / "metrics.json").read_text())
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    scored = run_cli("fcexp.evaluate", f"ckpt_path={ckpt}", cwd=tmp_path)
-    assert scored.returncode == 0, scored.stderr[-2000:]
-    assert f"test accuracy {record['metrics']['test/acc']:.4f}" in scored.stdout
-    resumed = run_cli("fcexp.train", f"resume={run_dir}", "trainer.max_epochs=2", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    capsys.readouterr()
+    assert run_main([f"ckpt_path={ckpt}"], tmp_path, monkeypatch, entry=evaluate.cli) is None
+    assert f"test accuracy {record['metrics']['test/acc']:.4f}" in capsys.readouterr().out
+    assert run_main([f"resume={run_dir}", "trainer.max_epochs=2"], tmp_path, monkeypatch, entry=cli) is None
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "completed" and record["resumes"][0]["from_step"] == 10
     assert not (run_dir / "checkpoints" / INTERRUPTED).exists()

@@ -60,7 +60,7 @@ def test_train_log_holds_each_epoch_when_output_goes_to_a_terminal(mnist_root, t
     """On a terminal tqdm's bars show the epochs; train.log still gets one line per epoch."""
     primary, replica = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fcexp.train", *QUICK, "data.limit_train=2560", "callbacks=plain"],
+        [sys.executable, "-m", "fcexp.train", *QUICK, "data.limit_train=1280", "callbacks=plain"],
         cwd=tmp_path,
         stdout=replica,
         stderr=replica,

@@ -66,6 +66,11 @@ def main(cfg: DictConfig) -> None:
     print(f"{cfg.ckpt_path}: test loss {metrics['test/loss']:.4f}, test accuracy {metrics['test/acc']:.4f}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m fcexp.evaluate`: main, with each path on the command line taken as the shell gave it."""
     take_paths_as_typed()
     main()
+
+
+if __name__ == "__main__":
+    cli()
