@@ -3,6 +3,8 @@ with every artifact a solo run has."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -58,10 +60,10 @@ def events(run_dir: Path) -> EventAccumulator:
 def packed_sweep(mnist_root, tmp_path_factory) -> tuple[Path, str]:
     """Four members in one pack: two activations, two seeds (so two batch orders), no dropout."""
     cwd = tmp_path_factory.mktemp("packed")
-    proc = run_cli("fcexp.train", *PACKED, *EXACT, "activation=relu,tanh", "seed=0,1", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "training a pack of 4" in proc.stdout
-    return only_sweep(cwd), proc.stdout
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
+        assert run_main([*PACKED, *EXACT, "activation=relu,tanh", "seed=0,1"], cwd, patch) is None
+    assert "training a pack of 4" in out.getvalue()
+    return only_sweep(cwd), out.getvalue()
 
 
 @pytest.mark.slow

@@ -83,6 +83,7 @@ def test_a_request_no_node_can_meet_is_refused_before_submission(slurm, tmp_path
         f"its largest has {slurm.cpus}); lower hydra.launcher.cpus_per_task"
     ]
     assert slurm.run("squeue", "-h", "--states=all").stdout == before  # nothing was submitted
+    assert not (tmp_path / "sweep").exists()  # nor anything left of it
     # The other checks, asked of the same sinfo in process.
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
     fits = {"partition": None, "cpus_per_task": 1, "tasks_per_node": 1, "mem_gb": 1, "gpus_per_node": 0, "nodes": 1}

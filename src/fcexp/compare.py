@@ -716,6 +716,15 @@ def report(sweep_dir: Path) -> str:
     return "\n".join([shown, "", *lines])
 
 
+def remove_if_unstarted(sweep_dir: Path) -> None:
+    """Remove a sweep's folder when it holds only what its start wrote (its config, its HParams experiment): a
+    sweep refused before any job ran leaves nothing behind."""
+    if sweep_dir.is_dir() and all(
+        p.name == MULTIRUN or p.name.endswith(EXPERIMENT_SUFFIX) for p in sweep_dir.iterdir()
+    ):
+        shutil.rmtree(sweep_dir)
+
+
 class CompareAtEnd(Callback):
     """At the start of a multirun: the sweep's HParams experiment, so TensorBoard shows its swept knobs first while
     it runs. At its end: the comparison of its jobs, and the TensorBoard command that shows them all."""
@@ -727,6 +736,7 @@ class CompareAtEnd(Callback):
         if not (sweep_dir / MULTIRUN).is_file():
             # Hydra's basic sweeper writes the sweep's config; Optuna's does not, and compare reads from it how the
             # sweep ran (its sweeper, its command) for the replicate and finish commands.
+            sweep_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(config, sweep_dir / MULTIRUN)
         try:
             write_hparams_experiment(sweep_dir, *planned_hparams(config))

@@ -54,6 +54,7 @@ class SlurmLauncher(BaseSubmititLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
+        from fcexp.compare import remove_if_unstarted
         from fcexp.conf import refuse
         from fcexp.record import shell_program
         from fcexp.slurm import check_request
@@ -64,9 +65,7 @@ class SlurmLauncher(BaseSubmititLauncher):
         try:
             partition = check_request(params)
         except ValueError as err:
-            if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} == {"multirun.yaml"}:
-                (sweep_dir / "multirun.yaml").unlink()  # Hydra wrote it for this sweep; nothing ran
-                sweep_dir.rmdir()
+            remove_if_unstarted(sweep_dir)  # nothing ran
             refuse(str(err))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         executor = submitit.AutoExecutor(
