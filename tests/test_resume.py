@@ -4,6 +4,7 @@ kill during a save, paths with a sweep's `=` and `,`. A resume that cannot conti
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,9 +19,10 @@ import pytest
 import torch
 from test_faults import run_main
 
-from fcexp import evaluate
-from fcexp.record import INTERRUPTED, AtomicCheckpointIO, checkpoint_step
-from fcexp.train import cli, compose_config, train
+from fcexp import evaluate, record
+from fcexp import train as train_module
+from fcexp.record import INTERRUPTED, AtomicCheckpointIO, checkpoint_step, provenance, take_paths_as_typed
+from fcexp.train import cli, compose_config, finish_sweep_command, train
 
 # 10 steps an epoch; the best epoch's checkpoint and last.ckpt are both kept.
 TINY = ["data.limit_train=1280", "trainer.max_epochs=2", "callbacks=plain", "callbacks.progress.refresh_rate=0"]
@@ -133,6 +135,19 @@ def test_an_empty_path_is_refused_before_hydra_reads_it(tmp_path, monkeypatch, c
         assert run_main([f"{key}="], tmp_path, monkeypatch, entry=cli) == 2
         assert capsys.readouterr().err == f"error: {key} must be a path, got ''\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_printed_commands_repeat_paths_as_typed(tmp_path, monkeypatch):
+    """What fcexp prints (a run's command, a sweep's finish command) carries the path the user typed, in the
+    shell's quotes only: not Hydra's quotes nested inside them."""
+    monkeypatch.setattr(sys, "argv", [str(Path(train_module.__file__)), "-m", "runs_dir=my runs", "seed=0,1"])
+    monkeypatch.setattr(record, "TYPED", [])
+    take_paths_as_typed()
+    assert sys.argv[2] == "runs_dir='my runs'"  # what Hydra reads
+    assert provenance()["command"].endswith(" -m 'runs_dir=my runs' seed=0,1")
+    finish = finish_sweep_command(tmp_path / "a sweep")
+    assert f"'hydra.sweep.dir={tmp_path / 'a sweep'}'" in finish and "'\"'\"'" not in finish
+    assert shlex.split(finish)[3:6] == ["-m", "runs_dir=my runs", "seed=0,1"]
 
 
 def test_rerunning_a_finished_sweep_without_skip_finished_leaves_its_jobs_as_they_were(

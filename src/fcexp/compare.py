@@ -396,12 +396,16 @@ def config_csv_rows(configs: list[Config], knobs: list[str]) -> tuple[list[str],
 
 def method_note(configs: list[Config]) -> str:
     tests = sum(c.diff is not None and c.diff.p is not None for c in configs)
-    return (
+    ranked = (
         f"Configurations are ranked by mean best validation accuracy over their seeds; each accuracy's interval is a "
-        f"{INTERVAL}. Each is "
-        f"compared with the best: paired t test where both ran the same seeds, Welch's otherwise; p values are "
-        f"Holm-adjusted over the {tests} comparison{'s' * (tests != 1)}. 'tied with best' means not significantly "
-        f"different at {ALPHA:g}: the data do not tell them apart, not that they are equal."
+        f"{INTERVAL}."
+    )
+    if tests == 0:
+        return f"{ranked} There is no other configuration with replicates to compare with the best."
+    return (
+        f"{ranked} Each is compared with the best: paired t test where both ran the same seeds, Welch's otherwise; "
+        f"p values are Holm-adjusted over the {tests} comparison{'s' * (tests != 1)}. 'tied with best' means not "
+        f"significantly different at {ALPHA:g}: the data do not tell them apart, not that they are equal."
     )
 
 
@@ -591,9 +595,10 @@ def summary(sweep_dir: Path, jobs: list[Job], configs: list[Config], knobs: list
     job = best.jobs[0]
     if replicated(configs):
         ties = [c for c in configs if c.diff is not None and c.diff.significant is False]
+        tied = f"; {len(ties)} other configuration{'s' * (len(ties) != 1)} tied with it" if len(configs) > 1 else ""
         lines.append(
             f"best: {_label(best.hparams, knobs, 'the only configuration')} (n={best.val.n}; val acc {best.val}, "
-            f"test acc {best.test}; {len(ties)} other configuration{'s' * (len(ties) != 1)} tied with it)"
+            f"test acc {best.test}{tied})"
         )
         seeds = ",".join(str(s) for s in sorted(best.by_seed("val_best")))
         rerun = fcexp_command("-m", *job.rerun_command(without=("seed",)), f"seed={seeds}", start=start)

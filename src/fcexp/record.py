@@ -216,9 +216,20 @@ def quote_paths(args: list[str]) -> list[str]:
     return quoted
 
 
+# The command line as the user typed it, before take_paths_as_typed quoted its paths for Hydra: what printed
+# commands repeat (only the shell's quotes, not Hydra's inside them).
+TYPED: list[str] = []
+
+
+def typed_args() -> list[str]:
+    """The entry point's arguments as the user typed them."""
+    return TYPED or sys.argv[1:]
+
+
 def take_paths_as_typed() -> None:
     """An entry point's command line (sys.argv) with its paths quoted for Hydra (quote_paths); an empty one is
     refused in one line."""
+    TYPED[:] = sys.argv[1:]
     try:
         sys.argv[1:] = quote_paths(sys.argv[1:])
     except ValueError as err:
@@ -289,7 +300,7 @@ def provenance() -> dict[str, Any]:
     if torch.cuda.is_available():  # NVML's answer: CUDA stays uninitialised, so ddp_fork can still fork
         device |= {"gpus": torch.cuda.device_count(), "cuda": torch.version.cuda}
     # `python -m fcexp.train` leaves the module's path in argv[0]; a sweep's workers have their launcher's argv.
-    command = fcexp_command(*sys.argv[1:]) if sys.argv and sys.argv[0].endswith("train.py") else None
+    command = fcexp_command(*typed_args()) if sys.argv and sys.argv[0].endswith("train.py") else None
     return {
         "command": command,
         "cwd": os.getcwd(),

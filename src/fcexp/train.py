@@ -52,6 +52,7 @@ from fcexp.record import (
     shell_program,
     slurm_job,
     take_paths_as_typed,
+    typed_args,
 )
 from fcexp.schema import validated
 from fcexp.stats import accuracy_interval
@@ -303,7 +304,7 @@ def resumed_config(previous: dict, extra: list[str]) -> tuple[DictConfig, list[s
 
 def finish_sweep_command(sweep_dir: Path) -> str:
     """The command that reruns this sweep into its folder, skipping the jobs that completed."""
-    keep = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweep.dir=", "skip_finished="))]
+    keep = [a for a in typed_args() if not a.startswith(("hydra.sweep.dir=", "skip_finished="))]
     return fcexp_command(*keep, f"hydra.sweep.dir={sweep_dir}", "skip_finished=true")
 
 
@@ -313,6 +314,8 @@ def _remove_if_refused(run_dir: Path) -> bool:
     if not run_dir.is_dir() or any(p.name not in written_first for p in run_dir.iterdir()):
         return False
     shutil.rmtree(run_dir)
+    with contextlib.suppress(OSError):  # the runs folder it made for it, when it holds nothing else
+        run_dir.parent.rmdir()
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
         if Path(handler.baseFilename).is_relative_to(run_dir.absolute()):  # its train.log: gone with the folder
