@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -22,6 +24,21 @@ QUICK = ["data.limit_train=12800", "trainer.max_epochs=3", "callbacks.progress.r
 def mnist_root() -> str:
     ensure_mnist(DATA_ROOT)
     return DATA_ROOT
+
+
+def train_in_process(*args: str, cwd: Path) -> str:
+    """`python -m fcexp.train <args>` run from `cwd` in the test's own process (its imports paid once): what it
+    printed. A refusal or failure (SystemExit) fails the test."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fcexp.train import main
+
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", ["fcexp.train", *args])
+        GlobalHydra.instance().clear()
+        main()
+    return out.getvalue()
 
 
 def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import run_cli, start_cli
+from conftest import run_cli, start_cli, train_in_process
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from test_faults import CLI_ENV, run_main, wait_for
@@ -126,11 +126,8 @@ def test_with_dropout_packed_and_solo_replicates_agree(mnist_root, tmp_path):
     """Members draw other dropout masks than solo runs: their means over seeds agree within their intervals."""
     args = [*SMALL, "data.limit_train=2560", "model.dropout=0.5", "replicates=5", "callbacks=plain"]
     (tmp_path / "packed").mkdir()
-    packed = run_cli("fcexp.train", *PACKED, *args, cwd=tmp_path / "packed")
-    assert packed.returncode == 0, packed.stderr[-3000:]
-    assert "training a pack of 5" in packed.stdout
-    solo = run_cli("fcexp.train", *PACKED[2:], *args, cwd=tmp_path)  # one run of 5 replicates, one after another
-    assert solo.returncode == 0, solo.stderr[-3000:]
+    assert "training a pack of 5" in train_in_process(*PACKED, *args, cwd=tmp_path / "packed")
+    train_in_process(*PACKED[2:], *args, cwd=tmp_path)  # one run of 5 replicates, one after another
     found = [tmp_path.glob("packed/runs/sweeps/*/*/seed=*/metrics.json"), tmp_path.glob("runs/*/seed=*/metrics.json")]
     bests = [[json.loads(p.read_text())["metrics"]["val/acc_best"] for p in paths] for paths in found]
     means = [accuracy_interval(values) for values in bests]

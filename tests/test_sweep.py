@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import printed, run_cli, run_printed
+from conftest import printed, run_cli, run_printed, train_in_process
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
@@ -78,9 +78,8 @@ def test_every_preset_composes(preset):
 def grid_2x2(mnist_root, tmp_path_factory) -> tuple[Path, str]:
     """A real 2x2 multirun with the default in-process launcher."""
     cwd = tmp_path_factory.mktemp("grid")
-    proc = run_cli("fcexp.train", "-m", *SMALL, "activation=relu,sigmoid", "model.dropout=0,0.2", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return only_sweep(cwd), proc.stdout, cwd
+    stdout = train_in_process("-m", *SMALL, "activation=relu,sigmoid", "model.dropout=0,0.2", cwd=cwd)
+    return only_sweep(cwd), stdout, cwd
 
 
 @pytest.mark.slow
@@ -240,9 +239,8 @@ def replicated(mnist_root, tmp_path_factory) -> tuple[Path, str]:
     trains in 16 steps."""
     cwd = tmp_path_factory.mktemp("replicated")
     deep = [o for o in SMALL if not o.startswith("model.hidden=")] + ["model.hidden=[64,64,64,64,64]"]
-    proc = run_cli("fcexp.train", "-m", *deep, "activation=silu,swish,sigmoid", "seed=0,1,2", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return only_sweep(cwd), proc.stdout
+    stdout = train_in_process("-m", *deep, "activation=silu,swish,sigmoid", "seed=0,1,2", cwd=cwd)
+    return only_sweep(cwd), stdout
 
 
 @pytest.mark.slow
