@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fcexp.net import ACTIVATIONS, PackedMLP, build_mlp, coin_dropout, linear_layers, make_activation, rand_dropout
+from fcexp.net import ACTIVATIONS, DropoutStreams, PackedMLP, build_mlp, linear_layers, make_activation
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
@@ -60,13 +60,41 @@ def test_l2_is_keras_sum_of_squares_on_chosen_kernels_only():
     assert penalty.tolist() == pytest.approx([0.001 * (1 + 4 + 9 + 16), 0.5 * (6 + 30)])
 
 
-@pytest.mark.parametrize("dropout", [coin_dropout, rand_dropout])  # the CPU's coins, and other devices' (tested here)
-def test_dropout_keeps_the_expected_value_per_member(dropout):
+def test_dropout_keeps_the_expected_value_per_member():  # the CPU's int16 coins (CUDA's floats: gpu_check.sh)
+    streams = DropoutStreams([0, 1], [[0.25], [0.0]])
     x = torch.ones(2, 200, 1000)
-    out = dropout(x, torch.tensor([0.25, 0.0]).view(2, 1, 1))
+    out = streams(x, 0)
     assert (out[0] == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
     assert out[0].mean().item() == pytest.approx(1.0, abs=0.02)
     assert torch.equal(out[1], x[1])  # a member without dropout is untouched
+
+
+def test_a_members_masks_are_its_own_whoever_its_pack_mates_are():
+    x = torch.ones(3, 64, 100)
+    alone = DropoutStreams([3], [[0.2, 0.2]])
+    packed = DropoutStreams([3, 5, 3], [[0.2, 0.2], [0.5, 0.0], [0.2, 0.0]])
+    for _ in range(2):  # two steps: the streams advance alike
+        for k in range(2):
+            mine = alone(x[:1], k)
+            theirs = packed(x, k)
+            assert torch.equal(theirs[0], mine[0])
+    # The third member has its seed but no dropout in layer 2: a stream of its own, equal in layer 1 only.
+    assert packed.group == [0, 1, 2]
+    fresh = DropoutStreams([3, 3], [[0.2, 0.2], [0.2, 0.2]])
+    assert fresh.group == [0, 0]  # the same seed and layers: one generator, one draw
+    out = fresh(x[:2], 0)
+    assert torch.equal(out[0], out[1])
+
+
+def test_dropout_streams_continue_from_their_saved_states():
+    x = torch.ones(2, 64, 100)
+    streams = DropoutStreams([3, 4], [[0.2], [0.5]])
+    streams(x, 0)
+    states = streams.states()
+    expected = streams(x, 0)
+    resumed = DropoutStreams([3, 4], [[0.2], [0.5]])
+    resumed.load(states)
+    assert torch.equal(resumed(x, 0), expected)
 
 
 def test_a_member_is_the_net_build_mlp_makes_with_its_seed():

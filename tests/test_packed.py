@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import run_cli, start_cli, train_in_process
+from conftest import run_cli, start_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from test_faults import CLI_ENV, run_main, wait_for
@@ -23,7 +23,6 @@ from test_faults import CLI_ENV, run_main, wait_for
 from fcexp.module import Classifier
 from fcexp.pack import Member, member_checkpoint, merged_checkpoint, pack_sizes
 from fcexp.record import checkpoint_step
-from fcexp.stats import accuracy_interval
 from fcexp.train import Job, compose_config, train, train_pack
 
 PACKED = ["-m", "+launcher=packed", "callbacks.progress.refresh_rate=0", "trainer.enable_model_summary=false"]
@@ -121,19 +120,39 @@ def test_each_member_is_a_run_with_everything_a_solo_run_has(packed_sweep):
 SMALL = ["data.limit_train=5000", "trainer.max_epochs=1", "model.hidden=[128]", "model.batch_norm=false", "model.l2=0"]
 
 
+# The issue's case: the seed's net with its dropout, seed 3, 2 epochs on 5,000 images. Before each member drew its
+# masks from a stream of its own, its val loss was 0.3007 in a pack of four seeds and 0.2834 alone (6% apart).
+TWIN = ["data.limit_train=5000", "trainer.max_epochs=2", "callbacks=plain"]
+
+
+def pack_of(tmp_path: Path, folder: str, *members: list[str]) -> list[dict]:
+    """Train one pack whose members have these overrides (besides TWIN): each member's metrics.json content."""
+    jobs = [Job(compose_config(*TWIN, *o), tmp_path / folder / str(i), [*TWIN, *o]) for i, o in enumerate(members)]
+    return train_pack(jobs)
+
+
+def val_losses(result: dict) -> list[float]:
+    return [h["val/loss"] for h in result["history"]]
+
+
 @pytest.mark.slow
-def test_with_dropout_packed_and_solo_replicates_agree(mnist_root, tmp_path):
-    """Members draw other dropout masks than solo runs: their means over seeds agree within their intervals."""
-    args = [*SMALL, "data.limit_train=2560", "model.dropout=0.5", "replicates=5", "callbacks=plain"]
-    (tmp_path / "packed").mkdir()
-    assert "training a pack of 5" in train_in_process(*PACKED, *args, cwd=tmp_path / "packed")
-    train_in_process(*PACKED[2:], *args, cwd=tmp_path)  # one run of 5 replicates, one after another
-    found = [tmp_path.glob("packed/runs/sweeps/*/*/seed=*/metrics.json"), tmp_path.glob("runs/*/seed=*/metrics.json")]
-    bests = [[json.loads(p.read_text())["metrics"]["val/acc_best"] for p in paths] for paths in found]
-    means = [accuracy_interval(values) for values in bests]
-    assert [m.n for m in means] == [5, 5]
-    packed_mean, solo_mean = means
-    assert packed_mean.low <= solo_mean.high and solo_mean.low <= packed_mean.high, means
+def test_a_member_with_dropout_trains_as_its_solo_twin(mnist_root, tmp_path):
+    packed = pack_of(tmp_path, "pack", *[[f"seed={s}"] for s in range(4)])[3]
+    (alone,) = pack_of(tmp_path, "alone", ["seed=3"])
+    # A pack of 4 against a pack of 1: the same masks and batches, other summation orders in the products.
+    assert val_losses(packed) == pytest.approx(val_losses(alone), rel=5e-3)
+    assert packed["metrics"]["test/acc"] == pytest.approx(alone["metrics"]["test/acc"], abs=0.002)
+
+
+@pytest.mark.slow
+def test_a_members_numbers_do_not_depend_on_its_pack_mates_settings(mnist_root, tmp_path):
+    """The same member beside two pack-mates of other settings, in packs of the same size: equal bits. One mate
+    shares its dropout stream (same seed, dropout in the same layers, another rate), the other draws none."""
+    member = ["seed=3", "model.dropout=0.2"]
+    beside_shared = pack_of(tmp_path, "a", member, ["seed=3", "model.dropout=0.5", "activation=tanh"])[0]
+    beside_none = pack_of(tmp_path, "b", member, ["seed=3", "model.dropout=0", "model.l2=0"])[0]
+    assert beside_shared["history"] == beside_none["history"]
+    assert beside_shared["metrics"] == beside_none["metrics"]
 
 
 @pytest.mark.slow

@@ -19,6 +19,9 @@ from fcexp.record import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_KEY
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
+# A checkpoint's list of each member's dropout generator state (fcexp.net.DropoutStreams).
+DROPOUT_STREAMS = "dropout_streams"
+
 # What members of a pack may differ in; everything else of the model they share.
 MEMBER_KNOBS = ("activation", "dropout", "batch_norm", "l2", "init", "label_smoothing", "seed")
 
@@ -156,6 +159,10 @@ class Classifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_FORMAT_KEY] = CHECKPOINT_FORMAT  # what fcexp.record.read_checkpoint checks
+        checkpoint[DROPOUT_STREAMS] = self.net.dropout.states()  # a resumed run draws the masks it would have
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.net.dropout.load(checkpoint.get(DROPOUT_STREAMS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits: (batch, classes) for a single net, (members, batch, classes) for a pack."""
@@ -181,7 +188,6 @@ class Classifier(L.LightningModule):
         x, y = batch
         logits = self.net(x)
         losses = self.losses(logits, y)
-        l2 = self.l2_penalties()
         if self.diverged_at.device != losses.device:  # once: it follows the module to its device
             self.diverged_at = self.diverged_at.to(losses.device)
         self.diverged_at = torch.where(
@@ -197,13 +203,35 @@ class Classifier(L.LightningModule):
         # about a millisecond of bookkeeping, and reading a value makes the host wait for the device.
         if self.global_step % self.trainer.log_every_n_steps == 0:
             self.check_finite()
-            self.log_members({"train/loss_step": losses.detach(), "train/l2": l2.detach()})
+            with torch.no_grad():
+                self.log_members({"train/loss_step": losses.detach(), "train/l2": self.l2_penalties()})
+        if self.l2_in_loss():
+            losses = losses + self.l2_penalties()
         # A member out of the pack contributes nothing: no gradient, no update (its numbers may be NaN).
-        return torch.where(self.alive, losses + l2, 0).sum()
+        return torch.where(self.alive, losses, 0).sum()
 
     def l2_penalties(self) -> torch.Tensor:
         """Each member's L2 penalty (members,)."""
         return self.net.l2_penalty(self.l2, self.l2_layers)
+
+    def l2_in_loss(self) -> bool:
+        """Whether the L2 penalty goes into the loss for autograd. Otherwise (the rule) its gradient, 2λw, is added
+        to the weights' gradients after the backward pass (on_after_backward): the same step without squaring
+        every weight each step. fp16's loss scaling (16-mixed) has scaled gradients there, so it takes the loss."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
+    def on_after_backward(self) -> None:
+        if self.l2_layers and not self.l2_in_loss():
+            # Lightning divides each micro-batch's loss by the accumulation: so is the penalty's gradient.
+            share = 2 / self.trainer.accumulate_grad_batches
+            with torch.no_grad():
+                for k in self.l2_layers:
+                    w = self.net.weights[k]
+                    w.grad.addcmul_(w, self.l2[:, k].view(-1, 1, 1), value=share)
+        if not self.all_alive:  # a member out of the pack: its gradients (NaN through its loss) become zeros
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad = torch.where(self.alive.view(-1, *[1] * (p.dim() - 1)), p.grad, 0)
 
     def check_finite(self) -> None:
         """Take out of the pack every member whose loss stopped being finite; when none is left, stop the run."""
@@ -272,12 +300,6 @@ class Classifier(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         if not self.trainer.sanity_checking:  # before the members' checkpoints are written at validation end
             self.check_finite()
-
-    def on_after_backward(self) -> None:
-        if not self.all_alive:  # a member out of the pack: its gradients (NaN through its loss) become zeros
-            for p in self.parameters():
-                if p.grad is not None:
-                    p.grad = torch.where(self.alive.view(-1, *[1] * (p.dim() - 1)), p.grad, 0)
 
     def on_train_epoch_end(self) -> None:
         self.check_finite()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -162,27 +163,99 @@ def linear_layers(net: nn.Module) -> list[nn.Linear]:
     return [m for m in net.modules() if isinstance(m, nn.Linear)]
 
 
-def coin_dropout(h: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
-    """Dropout at rate `p`: a number, or one rate per member of shape (members, 1, 1) that broadcasts over `h`
-    (members, batch, units).
+def coins(generator: torch.Generator, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Uniform random numbers of `shape` from `generator`, for dropout masks: int16 over -32768..32767 on the CPU,
+    floats in [0, 1) elsewhere (CUDA, MPS).
 
-    On the CPU each unit's coin is a 16-bit slice of a 64-bit random integer: four coins per draw of the generator,
-    a quarter of the time of torch's bernoulli kernel (p is rounded to a multiple of 1/65536). Elsewhere (CUDA, MPS)
-    the coins are torch.rand's.
-    """
-    if h.device.type != "cpu":
-        return rand_dropout(h, p)
-    n = h.numel()
-    draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-    coins = draws.view(torch.int16)[:n].view(h.shape)  # uniform over -32768..32767
-    dropped = torch.round(p * 65536) if torch.is_tensor(p) else round(p * 65536)
-    # A number keeps the comparison and the scale scalar: no tensor of thresholds to broadcast and convert.
-    return h * (coins >= dropped - 32768) * (65536 / (65536 - dropped))
+    On the CPU each coin is a 16-bit slice of a 64-bit random integer: four coins per draw of the generator, a
+    quarter of the time of torch's bernoulli kernel (a rate is then rounded to a multiple of 1/65536)."""
+    n = math.prod(shape)
+    if device.type != "cpu":
+        return torch.rand(shape, generator=generator, device=device)
+    draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=generator)
+    return draws.view(torch.int16)[:n].view(shape)
 
 
-def rand_dropout(h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Dropout with one rate per member, from torch.rand: what the GPU (or any device but the CPU) runs."""
-    return h * (torch.rand_like(h) >= p) / (1 - p)
+def stream_seed(seed: int) -> int:
+    """A member's dropout seed, from its seed: not the seed itself, which would replay the stream its initial
+    weights were drawn from."""
+    return (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**63
+
+
+class DropoutStreams:
+    """Every member's dropout masks from a random generator of its own, seeded from its seed: a member draws the
+    masks its solo twin (same seed, same settings) draws, whoever its pack-mates are.
+
+    Members with the same seed and dropout in the same layers are always in the same state: they share one
+    generator and one draw, so a grid on one seed draws each layer's coins once, however many members it has."""
+
+    def __init__(self, seeds: Sequence[int], rates: Sequence[Sequence[float]]):
+        keys = [(seed, tuple(r > 0 for r in layer)) for seed, layer in zip(seeds, rates, strict=True)]
+        self.keys = list(dict.fromkeys(keys))
+        self.group = [self.keys.index(k) for k in keys]  # member -> its stream
+        self.rates = [torch.tensor([float(layer[k]) for layer in rates]).view(-1, 1, 1) for k in range(len(rates[0]))]
+        self.generators: list[torch.Generator] = []
+        self.pending: Sequence[torch.Tensor] | None = None  # states to continue from, once on their device
+        self.device: torch.device | None = None
+        self.to(torch.device("cpu"))
+
+    def to(self, device: torch.device) -> None:
+        """The generators and each layer's thresholds on `device`, where the streams continue."""
+        if device == self.device:
+            return
+        states = self.pending or (self.states() if self.generators else None)
+        self.generators = [torch.Generator(device).manual_seed(stream_seed(seed)) for seed, _ in self.keys]
+        self.load(states)
+        self.device = device
+        self.layers: list[tuple | None] = []  # per layer: the streams that draw, thresholds, scales, rows
+        for k, p in enumerate(self.rates):
+            drawing = [g for g, (_, pattern) in enumerate(self.keys) if pattern[k]]
+            if not drawing:
+                self.layers.append(None)
+                continue
+            # Each member's row of the layer's draws (a member without dropout here keeps every unit: p = 0).
+            rows = [drawing.index(g) if g in drawing else 0 for g in self.group]
+            rows = None if len(drawing) == 1 else torch.tensor(rows)
+            if device.type == "cpu":  # int16 coins: kept at or above the threshold
+                dropped = torch.round(p * 65536)
+                keep, scale = (dropped - 32768).to(torch.int16), 65536 / (65536 - dropped)
+            else:  # uniform floats in [0, 1)
+                keep, scale = p, 1 / (1 - p)
+            if bool((p == p[0]).all()) and rows is None:
+                # One rate for all: a number keeps the comparison and the scale scalar, nothing to broadcast.
+                keep, scale = int(keep[0]) if device.type == "cpu" else float(keep[0]), float(scale[0])
+            else:
+                keep, scale = keep.to(device), scale.to(device)
+            self.layers.append((drawing, keep, scale, None if rows is None else rows.to(device)))
+
+    def states(self) -> list[torch.Tensor]:
+        """Each member's generator state (for a checkpoint)."""
+        return [self.generators[g].get_state() for g in self.group]
+
+    def load(self, states: Sequence[torch.Tensor] | None) -> None:
+        """Continue from the members' `states` (a checkpoint's). States of another kind of generator wait for the
+        streams to move to their device (a checkpoint loads before Lightning moves the net); on the CPU, a CUDA
+        run's states never fit, and its streams restart from their seeds."""
+        if states is None:
+            return
+        fits = [states[self.group.index(g)].numel() == gen.get_state().numel() for g, gen in enumerate(self.generators)]
+        for g, generator in enumerate(self.generators):
+            if fits[g]:
+                generator.set_state(states[self.group.index(g)])
+        self.pending = None if all(fits) else states
+
+    def __call__(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        """Layer `k`'s dropout on `h` (members, batch, units)."""
+        if h.device != self.device:
+            self.to(h.device)
+        layer = self.layers[k]
+        if layer is None:
+            return h
+        drawing, keep, scale, rows = layer
+        shape = (1, *h.shape[1:])
+        draws = [coins(self.generators[g], shape, h.device) for g in drawing]
+        draws = draws[0] if rows is None else torch.cat(draws)[rows]
+        return h * (draws >= keep) * scale
 
 
 def _seeded_mlp(seed: int | None, *args: Any) -> nn.Sequential:
@@ -240,15 +313,10 @@ class PackedMLP(nn.Module):
         for k in range(self.depth):
             mask = torch.tensor([not f[k] for f in flags]).view(-1, 1, 1).float()
             self.register_buffer(f"bias_mask{k}", mask, persistent=False)
-        rates = [per_layer("dropout", m["dropout"], self.depth) for m in members]
-        # Per layer: one rate for all members (a number: the cheaper path), or one per member; None: no dropout.
-        self.rates: list[float | str | None] = []  # a rate for all, the name of a buffer of rates, or none
-        for k in range(self.depth):
-            layer = [r[k] for r in rates]
-            same = all(v == layer[0] for v in layer)
-            self.rates.append((layer[0] or None) if same else f"rate{k}")
-            if not same:
-                self.register_buffer(f"rate{k}", torch.tensor(layer).view(-1, 1, 1), persistent=False)
+        self.rates = [per_layer("dropout", m["dropout"], self.depth) for m in members]  # per member, per layer
+        # A member without a seed (a net built outside fcexp.train) takes one from the current random state.
+        seeds = [int(torch.randint(2**62, ())) if m.get("seed") is None else m["seed"] for m in members]
+        self.dropout = DropoutStreams(seeds, self.rates)
         # Members with the same parameter-free activation share one call; runs of them are applied in turn.
         self.specs = [m["activation"] for m in members]
         acts = [next(m for m in net if isinstance(m, ACTIVATION_TYPES)) for net in nets]
@@ -283,9 +351,8 @@ class PackedMLP(nn.Module):
             pre, h = h, self.activate(h)
             if capture is not None:
                 capture.append((pre, h))
-            rate = self.rates[k]
-            if self.training and rate is not None:
-                h = coin_dropout(h, getattr(self, rate) if isinstance(rate, str) else rate)
+            if self.training:
+                h = self.dropout(h, k)
         return torch.baddbmm(self.biases[-1], h, self.weights[-1])
 
     def l2_penalty(self, l2: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
@@ -314,10 +381,8 @@ class PackedMLP(nn.Module):
             if str(k) in self.norms and self.norms[str(k)].enabled[i]:
                 layers.append(self.norms[str(k)].member(i))
             layers.append(self.member_activation(i))
-            rate = self.rates[k]
-            rate = float(getattr(self, rate)[i] if isinstance(rate, str) else rate or 0)
-            if rate > 0:
-                layers.append(nn.Dropout(rate))
+            if self.rates[i][k] > 0:
+                layers.append(nn.Dropout(self.rates[i][k]))
         return nn.Sequential(*layers)
 
 

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from fcexp.data import MNISTDataModule
-from fcexp.module import Classifier
+from fcexp.module import DROPOUT_STREAMS, Classifier
 from fcexp.record import RunRecord
 
 
@@ -211,6 +211,8 @@ def member_checkpoint(pack: dict[str, Any], module: Classifier, member: Member) 
         }
         params = list(range(len(mine)))
         checkpoint["optimizer_states"] = [{"state": state, "param_groups": [dict(group, params=params)]}]
+    if DROPOUT_STREAMS in pack:
+        checkpoint[DROPOUT_STREAMS] = [pack[DROPOUT_STREAMS][i]]
     states = pack.get("callbacks", {}).get(Members.__qualname__)
     checkpoint["callbacks"] = states["members"][i] if states else {}
     hparams = dict(pack["hyper_parameters"])
@@ -262,6 +264,8 @@ def merged_checkpoint(checkpoints: Sequence[dict[str, Any]], module: Classifier)
             group = dict(checkpoints[a]["optimizer_states"][0]["param_groups"][0], params=ids)
             groups.append(group)
         merged["optimizer_states"] = [{"state": state, "param_groups": groups}]
+    if all(DROPOUT_STREAMS in c for c in checkpoints):
+        merged[DROPOUT_STREAMS] = [state for c in checkpoints for state in c[DROPOUT_STREAMS]]
     merged["callbacks"] = {Members.__qualname__: {"members": [c.get("callbacks", {}) for c in checkpoints]}}
     merged["hyper_parameters"] = dict(module.hparams)
     return merged

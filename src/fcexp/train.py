@@ -158,9 +158,8 @@ def _members_model(cfgs: list[DictConfig]) -> Classifier:
     """One net from its config, or a pack with each member's own knobs, optimizer and seed."""
     factory = instantiate(cfgs[0].model, _partial_=True)
     if len(cfgs) == 1:
-        # Its weights are the first draws after seed_everything(seed), which gives them exactly as a member's own
-        # seed does; the dropout masks then continue that stream.
-        return factory()
+        # Its seed draws its initial weights exactly as a member's own seed does, and seeds its dropout masks.
+        return factory(seed=cfgs[0].seed)
     members = []
     for cfg in cfgs:
         knobs = instantiate(cfg.model, _partial_=True).keywords
