@@ -79,7 +79,7 @@ def test_help_lists_the_callback_sets_only(capsys, monkeypatch):
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("callbacks: ")]
     assert line == "callbacks: default, plain"
     for option in GROUPS["callbacks"]:
-        assert compose_config(f"callbacks={option}").callbacks.last is not None
+        assert compose_config(f"callbacks={option}").callbacks.checkpoint is not None
 
 
 @pytest.mark.parametrize("option", GROUPS["activation"])

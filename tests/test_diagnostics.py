@@ -10,9 +10,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fcexp.callbacks import GradientNorms, UnitHealth, measured_net, record_activations, unit_stats
+from fcexp.callbacks import GradientNorms, UnitHealth, hidden_activity, histograms, unit_stats
 from fcexp.data import MNISTDataModule
 from fcexp.module import Classifier
+from fcexp.net import PackedMLP
 from fcexp.train import compose_config, train
 
 TINY = [
@@ -125,39 +126,47 @@ def test_a_sigmoid_layer_pushed_into_saturation_is_measured_saturated(mnist_root
 
 
 def test_unit_stats_on_known_activations():
-    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    tanh = {"activation": "tanh", "dropout": 0.0, "batch_norm": False, "init": "torch", "seed": 0}
+    net = PackedMLP(4, [3], 2, [tanh, tanh | {"activation": "relu"}])
     with torch.no_grad():
-        net[0].weight.zero_()
-        net[0].bias.copy_(torch.tensor([0.0, 5.0, -5.0]))  # tanh'(0) = 1, tanh'(±5) ≈ 1.8e-4
-    ((act, pre, post),) = record_activations(net, torch.randn(8, 4))
-    stats = unit_stats(act, pre, post, saturation=0.01)
-    assert stats["saturated"] == pytest.approx(2 / 3)
-    assert stats["inactive"] == pytest.approx(2 / 3)  # pre-activations 0 and -5 are <= 0
-    assert stats["dead"] == pytest.approx(1 / 3) and stats["sparsity"] == pytest.approx(1 / 3)  # tanh(0) = 0
+        net.weights[0].zero_()
+        net.biases[0].copy_(torch.tensor([0.0, 5.0, -5.0]))  # tanh'(0) = 1, tanh'(±5) ≈ 1.8e-4; relu: 0, 5, 0
+    ((pre, post),) = hidden_activity(net, torch.randn(8, 4))
+    stats = {k: v.tolist() for k, v in unit_stats(net, pre, post, saturation=0.01).items()}
+    assert stats["saturated"] == pytest.approx([2 / 3, 2 / 3])  # relu'(0) and relu'(-5) are 0
+    assert stats["inactive"] == pytest.approx([2 / 3, 2 / 3])  # pre-activations 0 and -5 are <= 0
+    assert stats["dead"] == pytest.approx([1 / 3, 2 / 3])  # tanh(0) = 0; relu(0) = relu(-5) = 0
+    assert stats["sparsity"] == pytest.approx([1 / 3, 2 / 3])
+
+
+def test_histograms_count_each_member_alone():
+    values = torch.tensor([[[0.0, 1.0, 2.0, 3.0]], [[5.0, 5.0, 5.0, 5.0]]])
+    first, second = histograms(values, bins=2).tolist()
+    assert first == [0.0, 3.0, 4.0, 6.0, 14.0, 1.5, 3.0, 2.0, 2.0]
+    assert second == [5.0, 5.0, 4.0, 20.0, 100.0, 5.0, 5.5, 0.0, 4.0]  # one value: widened by 0.5, as numpy's
 
 
 def test_diagnostics_read_a_compiled_net_as_an_uncompiled_one():
-    """model.compile=true compiles the pack's forward; the diagnostics measure a member view (an nn.Sequential of
-    views of the pack's tensors), never the compiled call, so their hooks see the same activations either way."""
+    """model.compile=true compiles the pack's call; the diagnostics capture its activations through its plain
+    forward (no second compilation), and read the same values either way."""
     x = torch.randn(16, 784)
     readings = []
     for compile in (True, False):
         torch.manual_seed(0)
         module = Classifier(hidden=[32, 16], activation={"name": "tanh"}, batch_norm=[False, True], compile=compile)
         assert (getattr(module.net, "_compiled_call_impl", None) is not None) == compile
-        net = measured_net(module)
-        assert getattr(net, "_compiled_call_impl", None) is None
-        readings.append([(pre, post) for _, pre, post in record_activations(net, x)])
+        readings.append(hidden_activity(module.net, x))
     assert len(readings[0]) == 2
     for (pre_c, post_c), (pre, post) in zip(*readings, strict=True):
-        assert torch.equal(pre_c, pre) and torch.equal(post_c, post)
+        torch.testing.assert_close(pre_c, pre)
+        torch.testing.assert_close(post_c, post)
 
 
 def test_diagnostics_switch_off_one_by_one_or_all():
     assert {"grad_norms", "unit_health", "histograms", "figures"} <= set(compose_config().callbacks)
     assert "histograms" not in compose_config("~callbacks.histograms").callbacks
     plain = compose_config("callbacks=plain").callbacks
-    assert {k for k, v in plain.items() if v is not None} == {"checkpoint", "last", "progress"}
+    assert {k for k, v in plain.items() if v is not None} == {"checkpoint", "progress"}
 
 
 def test_bad_settings_name_the_value():

@@ -113,7 +113,7 @@ def test_a_resume_skips_a_truncated_checkpoint_for_the_newest_that_loads(run_cop
 
 
 def test_a_resume_of_a_run_that_kept_no_checkpoints_is_refused(mnist_root, tmp_path, monkeypatch, capsys):
-    bare = [*TINY, "trainer.max_epochs=1", "~callbacks.checkpoint", "~callbacks.last"]
+    bare = [*TINY, "trainer.max_epochs=1", "~callbacks.checkpoint"]
     run_dir = tmp_path / "runs" / "bare"
     train(compose_config(*bare), run_dir, bare)
     before = contents(run_dir)

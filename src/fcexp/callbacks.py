@@ -1,24 +1,26 @@
 """Training diagnostics as Lightning callbacks: gradient norms, unit health, histograms and figures in TensorBoard.
 
 Each is one entry of conf/callbacks/default.yaml; `~callbacks.<name>` switches one off, `callbacks=plain` all of them.
-Scalars go straight to the loggers (not `self.log`), only when measured, so a run pays nothing between measurements.
+Each is an ordinary callback on the pack's trainer (a single run is a pack of one): it computes for every member at
+once and writes to each member's TensorBoard run and folder only at the end. Scalars go straight to the members'
+loggers (not `self.log`), read from the device once per measurement, so a run pays nothing between measurements.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import shutil
 import sys
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 
 from fcexp.module import class_indices
-from fcexp.net import ACTIVATION_TYPES, PackedMLP, linear_layers
+from fcexp.net import PackedMLP
+from fcexp.pack import runs_of
 
 log = logging.getLogger("fcexp")
 # Evenly spaced histogram bins: TensorBoard's default (~1,500 exponential edges) takes 10x longer on a 784x512 weight.
@@ -28,22 +30,6 @@ BINS = 64
 def layer_tag(i: int) -> str:
     # Zero-padded so TensorBoard sorts layer10 after layer09, not after layer1.
     return f"layer{i + 1:02d}"
-
-
-def measured_net(pl_module: L.LightningModule) -> nn.Module:
-    """The net a diagnostic measures: a pack's member as fcexp.pack.MemberModule shows it to its callbacks, or a
-    pack of one's only member when the module trains in a plain Trainer."""
-    net = pl_module.net
-    return net.member(0) if isinstance(net, PackedMLP) else net
-
-
-def log_scalars(trainer: L.Trainer, metrics: dict[str, float]) -> None:
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
-
-
-def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
-    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
 def held_out_images(trainer: L.Trainer, size: int) -> torch.Tensor:
@@ -59,28 +45,23 @@ def held_out_images(trainer: L.Trainer, size: int) -> torch.Tensor:
     return torch.cat(chunks)[:size]
 
 
-def record_activations(net: nn.Module, x: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
-    """(activation module, its input = the pre-activation, its output) for every hidden layer, in eval mode."""
-    captured = []
-    hooks = [
-        m.register_forward_hook(lambda m, inputs, out: captured.append((m, inputs[0].detach(), out.detach())))
-        for m in net.modules()
-        if isinstance(m, ACTIVATION_TYPES)
-    ]
+def hidden_activity(net: PackedMLP, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(pre-activation, activation) of every hidden layer, each (members, batch, units), from one forward pass of
+    the whole pack in eval mode: no dropout noise, batch norm on its running statistics, what validation sees."""
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
     was_training = net.training
-    net.eval()  # no dropout noise, BatchNorm on its running statistics: what validation sees
+    net.eval()
     try:
         with torch.no_grad():
-            net(x)
+            # forward, not the call: a compiled net (model.compile) would compile a graph of its own for the capture.
+            net.forward(x.to(net.weights[0].device), capture=captured)
     finally:
         net.train(was_training)
-        for h in hooks:
-            h.remove()
     return captured
 
 
-def unit_stats(activation: nn.Module, pre: torch.Tensor, post: torch.Tensor, saturation: float) -> dict[str, float]:
-    """Fractions of one layer's units (columns) over a batch (rows).
+def unit_stats(net: PackedMLP, pre: torch.Tensor, post: torch.Tensor, saturation: float) -> dict[str, torch.Tensor]:
+    """Fractions of one layer's units (columns) over a batch (rows), per member (members,).
 
     dead: output exactly 0 for every example (a ReLU unit that no example switches on gets no gradient);
     inactive: pre-activation <= 0 for every example (what would be dead under ReLU; leaky ReLU still trains it);
@@ -90,14 +71,32 @@ def unit_stats(activation: nn.Module, pre: torch.Tensor, post: torch.Tensor, sat
     x = pre.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         # The activations are elementwise, so the gradient of the sum is each element's own derivative.
-        (derivative,) = torch.autograd.grad(activation(x).sum(), x)
+        (derivative,) = torch.autograd.grad(net.activate(x).sum(), x)
     zero = post == 0
     return {
-        "dead": zero.all(0).float().mean().item(),
-        "inactive": (pre <= 0).all(0).float().mean().item(),
-        "saturated": (derivative.mean(0) < saturation).float().mean().item(),
-        "sparsity": zero.float().mean().item(),
+        "dead": zero.all(1).float().mean(-1),
+        "inactive": (pre <= 0).all(1).float().mean(-1),
+        "saturated": (derivative.mean(1) < saturation).float().mean(-1),
+        "sparsity": zero.float().mean((1, 2)),
     }
+
+
+def histograms(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """Each member's histogram of `values` (members, ...) over `bins` equal bins from its min to its max, as one
+    tensor (members, 5 + 2 * bins): min, max, count, sum, sum of squares, the bins' right edges, their counts.
+    A range of one value is widened by 0.5 either side, as numpy does."""
+    flat = values.detach().flatten(1).float()
+    members, n = flat.shape
+    lo, hi = flat.min(1).values, flat.max(1).values
+    lo, hi = torch.where(lo == hi, lo - 0.5, lo), torch.where(lo == hi, hi + 0.5, hi)
+    width = (hi - lo) / bins
+    index = ((flat - lo[:, None]) / width[:, None]).long().clamp_(0, bins - 1)
+    index += torch.arange(members, device=flat.device)[:, None] * bins
+    counts = torch.bincount(index.flatten(), minlength=members * bins).view(members, bins).float()
+    edges = lo[:, None] + width[:, None] * torch.arange(1, bins + 1, device=flat.device)
+    stats = [flat.min(1).values, flat.max(1).values, torch.full_like(lo, n), flat.sum(1), flat.square().sum(1)]
+    stats = torch.stack(stats)
+    return torch.cat([stats.t(), edges, counts], 1)
 
 
 class EpochLine:
@@ -201,7 +200,8 @@ def progress_bar(refresh_rate: int = 25) -> ProgressBar:
 
 
 class GradientNorms(L.Callback):
-    """L2 norm of each Linear weight's gradient every `every_n_steps` (default: the trainer's log_every_n_steps).
+    """L2 norm of each Linear weight's gradient every `every_n_steps` (default: the trainer's log_every_n_steps), for
+    every member at once.
 
     `grad_norm/first_over_last` is the first layer's norm over the output layer's: the vanishing-gradient signal.
     """
@@ -216,18 +216,19 @@ class GradientNorms(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         if trainer.global_step % (self.every_n_steps or trainer.log_every_n_steps):
             return
-        grads = [layer.weight.grad for layer in linear_layers(measured_net(pl_module))]
+        grads = [w.grad for w in pl_module.net.weights]
         if any(g is None for g in grads):
             return  # e.g. a frozen layer: no profile to report
-        norms = torch.stack([g.norm() for g in grads]).tolist()  # one device sync, not one per layer
-        metrics = {f"grad_norm/{layer_tag(i)}": v for i, v in enumerate(norms)}
-        metrics["grad_norm/first_over_last"] = norms[0] / norms[-1] if norms[-1] else float("inf")
-        log_scalars(trainer, metrics)
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads])  # (layers, members): one reduction each
+        metrics = {f"grad_norm/{layer_tag(k)}": norm for k, norm in enumerate(norms)}
+        metrics["grad_norm/first_over_last"] = torch.where(norms[-1] > 0, norms[0] / norms[-1], math.inf)
+        pl_module.log_members(metrics)
 
 
 class UnitHealth(L.Callback):
     """Dead, inactive and saturated units and sparsity per hidden layer (see `unit_stats`), on a fixed held-out batch
-    of `held_out` validation images, when training starts and at every validation end."""
+    of `held_out` validation images, when training starts and at every validation end: one forward pass of the pack
+    for all its members."""
 
     def __init__(self, held_out: int = 1000, saturation: float = 0.01):
         if held_out <= 0 or not 0 < saturation < 1:
@@ -241,10 +242,10 @@ class UnitHealth(L.Callback):
         if self.batch is None:
             self.batch = held_out_images(trainer, self.held_out)
         metrics = {}
-        for i, (act, pre, post) in enumerate(record_activations(measured_net(pl_module), self.batch)):
-            for name, value in unit_stats(act, pre, post, self.saturation).items():
-                metrics[f"units/{name}/{layer_tag(i)}"] = value
-        log_scalars(trainer, metrics)
+        for k, (pre, post) in enumerate(hidden_activity(pl_module.net, self.batch)):
+            for name, value in unit_stats(pl_module.net, pre, post, self.saturation).items():
+                metrics[f"units/{name}/{layer_tag(k)}"] = value
+        pl_module.log_members(metrics)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.measure(trainer, pl_module)
@@ -256,7 +257,8 @@ class UnitHealth(L.Callback):
 
 class Histograms(L.Callback):
     """TensorBoard histograms of each Linear weight and of each hidden layer's pre-activations and activations
-    (on `held_out` validation images) at every training epoch end."""
+    (on `held_out` validation images) at every training epoch end: every member's counted at once, written to each
+    member's TensorBoard run."""
 
     def __init__(self, held_out: int = 1000):
         if held_out <= 0:
@@ -265,23 +267,29 @@ class Histograms(L.Callback):
         self.batch: torch.Tensor | None = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tb = tensorboard(trainer)
-        if tb is None or not trainer.is_global_zero:
+        runs = [r for r in runs_of(trainer, pl_module) if r.logger is not None]
+        if not runs or not trainer.is_global_zero:
             return
         if self.batch is None:
             self.batch = held_out_images(trainer, self.held_out)
-        writer, step = tb.experiment, trainer.global_step
-        for i, layer in enumerate(linear_layers(measured_net(pl_module))):
-            writer.add_histogram(f"weights/{layer_tag(i)}", layer.weight.detach(), step, bins=BINS)
-        for i, (_, pre, post) in enumerate(record_activations(measured_net(pl_module), self.batch)):
-            writer.add_histogram(f"preactivations/{layer_tag(i)}", pre, step, bins=BINS)
-            writer.add_histogram(f"activations/{layer_tag(i)}", post, step, bins=BINS)
+        net = pl_module.net
+        tensors = {f"weights/{layer_tag(k)}": w for k, w in enumerate(net.weights)}
+        for k, (pre, post) in enumerate(hidden_activity(net, self.batch)):
+            tensors[f"preactivations/{layer_tag(k)}"] = pre
+            tensors[f"activations/{layer_tag(k)}"] = post
+        # Every histogram of every member, read from the device at once.
+        stats = torch.stack([histograms(t, BINS) for t in tensors.values()]).tolist()
+        for run in runs:
+            writer = run.logger.experiment
+            for tag, per_member in zip(tensors, stats, strict=True):
+                lo, hi, n, total, squares, *rest = per_member[run.index]
+                writer.add_histogram_raw(tag, lo, hi, n, total, squares, rest[:BINS], rest[BINS:], trainer.global_step)
 
 
 class Figures(L.Callback):
     """PNGs in `<run folder>/<folder>/` and the same images in TensorBoard: a 3x3 grid of training digits with their
-    labels (when training starts), the test confusion matrix and the `mistakes` most confident test mistakes (at
-    test end).
+    labels (when training starts; drawn once for the members that share a batch order), the test confusion matrix
+    and the `mistakes` most confident test mistakes (at test end; counted and ranked for all members at once).
 
     Under DDP the test figures show rank zero's share of the test set.
     """
@@ -290,57 +298,79 @@ class Figures(L.Callback):
         if mistakes <= 0:
             raise ValueError(f"callbacks.figures.mistakes must be > 0, got {mistakes}")
         self.mistakes, self.folder = mistakes, folder
-        self.probs: list[torch.Tensor] = []
+        self.confidence: list[torch.Tensor] = []
+        self.preds: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
         self.images: list[torch.Tensor] = []
 
-    def save(self, trainer: L.Trainer, name: str, fig) -> Path:
+    def save(self, trainer: L.Trainer, runs: list, name: str, fig) -> None:
+        """The figure as a PNG in each of `runs`' folders (drawn once, copied) and in each one's TensorBoard run."""
         import matplotlib.pyplot as plt
 
-        path = Path(trainer.default_root_dir) / self.folder / f"{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        paths = [run.run_dir / self.folder / f"{name}.png" for run in runs]
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(paths[0], dpi=100)
         plt.close(fig)
-        if (tb := tensorboard(trainer)) is not None:
-            # The PNG read back, not add_figure: drawing a figure twice is most of this callback's cost.
-            tb.experiment.add_image(
-                f"figures/{name}", plt.imread(path)[..., :3], trainer.global_step, dataformats="HWC"
-            )
-        return path
+        for path in paths[1:]:
+            shutil.copyfile(paths[0], path)
+        image = plt.imread(paths[0])[..., :3]  # the PNG read back, not add_figure: no second drawing
+        for run in runs:
+            if run.logger is not None:
+                run.logger.experiment.add_image(f"figures/{name}", image, trainer.global_step, dataformats="HWC")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.global_step > 0:
             return  # a resumed run drew them when it started
         x, y = next(iter(trainer.datamodule.train_dataloader()))
-        labels = class_indices(y[:9]).tolist()
-        titles = [f"label {label}" for label in labels]
-        self.save(trainer, "train_digits", digit_grid(x[:9].cpu(), titles, "Training digits"))
+        runs = runs_of(trainer, pl_module)
+        if x.dim() == 2:  # one batch order for all members
+            x, y = x.expand(pl_module.members, *x.shape), y.expand(pl_module.members, *y.shape)
+        drawn: list[tuple[torch.Tensor, list]] = []  # each distinct first batch and the runs it starts
+        for run in runs:
+            same = next((runs_ for first, runs_ in drawn if torch.equal(first, x[run.index, :9])), None)
+            if same is None:
+                drawn.append((x[run.index, :9], [run]))
+            else:
+                same.append(run)
+        for first, group in drawn:
+            labels = class_indices(y[group[0].index, :9]).tolist()
+            titles = [f"label {label}" for label in labels]
+            self.save(trainer, group, "train_digits", digit_grid(first.cpu(), titles, "Training digits"))
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.probs, self.targets, self.images = [], [], []
+        self.confidence, self.preds, self.targets, self.images = [], [], [], []
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        probs = pl_module.predict_step(batch, batch_idx)  # softmax: the seed's output rule
-        targets = class_indices(batch[1])
-        wrong = probs.argmax(1) != targets
-        self.probs.append(probs.cpu())
-        self.targets.append(targets.cpu())
-        self.images.append(batch[0][wrong].cpu())  # only the mistakes are ever drawn
+        _, probs = pl_module.test_probs  # softmax, the seed's output rule: (members, batch, classes)
+        confidence, preds = probs.max(-1)
+        self.confidence.append(confidence)
+        self.preds.append(preds)
+        self.targets.append(class_indices(batch[1]))
+        self.images.append(batch[0])  # shared by all members: kept once
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.probs:
+        if not trainer.is_global_zero or not self.preds:
             return
-        probs, targets, images = torch.cat(self.probs), torch.cat(self.targets), torch.cat(self.images)
-        confidence, preds = probs.max(1)
-        n = probs.shape[1]
-        counts = torch.bincount(targets * n + preds, minlength=n * n).reshape(n, n)
-        self.save(trainer, "confusion_matrix", confusion_figure(counts))
-        wrong = (preds != targets).nonzero().squeeze(1)
-        order = confidence[wrong].argsort(descending=True)[: self.mistakes]
-        titles = [
-            f"pred {preds[wrong[k]]} ({confidence[wrong[k]]:.2f})\ntrue {targets[wrong[k]]}" for k in order.tolist()
-        ]
-        self.save(trainer, "confident_mistakes", digit_grid(images[order], titles, "Most confident test mistakes"))
+        confidence, preds, targets = torch.cat(self.confidence, 1), torch.cat(self.preds, 1), torch.cat(self.targets)
+        members, n = preds.shape[0], pl_module.hparams.num_classes
+        # Every member's confusion counts in one count, and its most confident mistakes in one ranking.
+        cells = torch.arange(members, device=preds.device)[:, None] * n * n + targets * n + preds
+        counts = torch.bincount(cells.flatten(), minlength=members * n * n).view(members, n, n).cpu()
+        wrong = preds != targets
+        top = torch.where(wrong, confidence, -1.0).topk(min(self.mistakes, preds.shape[1]), dim=1)
+        values, order = top.values.cpu(), top.indices.cpu()
+        preds, targets = preds.cpu(), targets.cpu()
+        images = torch.cat(self.images).cpu()
+        for run in runs_of(trainer, pl_module):
+            i = run.index
+            self.save(trainer, [run], "confusion_matrix", confusion_figure(counts[i]))
+            picked = order[i][values[i] >= 0]  # fewer mistakes than asked for: only those
+            titles = [
+                f"pred {preds[i, k]} ({values[i, j]:.2f})\ntrue {targets[k]}" for j, k in enumerate(picked.tolist())
+            ]
+            grid = digit_grid(images[picked], titles, "Most confident test mistakes")
+            self.save(trainer, [run], "confident_mistakes", grid)
 
 
 def digit_grid(images: torch.Tensor, titles: list[str], suptitle: str):

@@ -148,13 +148,14 @@ class Classifier(L.LightningModule):
         self.register_buffer("best_val_acc", torch.zeros(self.members))
         # Training on: a member whose loss stopped being finite is taken out of the pack (fcexp.train records it).
         self.register_buffer("alive", torch.ones(self.members, dtype=torch.bool), persistent=False)
-        self.all_alive = True  # the same, known on the host
+        self.alive_host = [True] * self.members  # the same, known on the host
+        self.all_alive = True
         # The step at which each member's loss first stopped being finite (-1: never), kept on the device so that
         # no step waits for it; read on logging steps. Not a buffer: DDP would overwrite each rank's with rank 0's
         # at every forward, and a NaN on another rank would go unseen.
         self.diverged_at = torch.full((self.members,), -1)
-        self.member_metrics: list[dict[str, torch.Tensor]] = [{} for _ in range(self.members)]
-        self.member_loggers: list = []
+        self.member_metrics: list[dict[str, float]] = [{} for _ in range(self.members)]  # each one's latest epoch
+        self.runs: list = []  # the pack's runs (fcexp.pack.Member), set by fcexp.train: where each member's numbers go
         self.test_probs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -246,6 +247,7 @@ class Classifier(L.LightningModule):
         self.alive &= ~diverged
         self.all_alive = False
         for i in diverged.nonzero().flatten().tolist():
+            self.alive_host[i] = False
             step = int(self.diverged_at[i])
             epoch = step // max(1, self.trainer.num_training_batches)
             error = FloatingPointError(
@@ -260,20 +262,18 @@ class Classifier(L.LightningModule):
     def on_member_failed(self, member: int, error: BaseException) -> None:
         """Set by fcexp.train: records the member as failed."""
 
-    def log_members(self, metrics: Mapping[str, torch.Tensor], step: int | None = None) -> None:
-        """Per-member values (members,) to each living member's own logger, at `step` (default: the global step)."""
+    def log_members(self, metrics: Mapping[str, torch.Tensor], step: int | None = None) -> list[list[float]]:
+        """Per-member values (members,) to each living member's own logger, at `step` (default: the global step),
+        read from the device at once; returns them as read (one list per metric)."""
+        values = torch.stack([v.detach().float() for v in metrics.values()]).tolist()  # one wait for the device
         # A pack of one in a plain Trainer (no fcexp.train around it) logs to the trainer's loggers.
-        loggers = [[lg] for lg in self.member_loggers] or ([self.loggers] if self.members == 1 else [])
-        if not loggers:
-            return
-        values = torch.stack([v.float() for v in metrics.values()]).tolist()  # one wait for the device
+        loggers = [[m.logger] if m.logger else [] for m in self.runs] or ([self.loggers] if self.members == 1 else [])
+        step = self.global_step if step is None else step
         for i, member_loggers in enumerate(loggers):
-            if self.alive[i]:
+            if self.alive_host[i]:
                 for logger in member_loggers:
-                    logger.log_metrics(
-                        {k: v[i] for k, v in zip(metrics, values, strict=True)},
-                        step=self.global_step if step is None else step,
-                    )
+                    logger.log_metrics({k: v[i] for k, v in zip(metrics, values, strict=True)}, step=step)
+        return values
 
     def end_epoch(self, stage: str) -> None:
         """An epoch's per-member means: to each member's metrics and logger; their mean over the living members to
@@ -287,14 +287,14 @@ class Classifier(L.LightningModule):
         if stage == "val":
             self.best_val_acc = torch.maximum(self.best_val_acc, values["val/acc"])
             values["val/acc_best"] = self.best_val_acc.clone()
-        for i, metrics in enumerate(self.member_metrics):
-            metrics.update({k: v[i] for k, v in values.items()})
         # At the epoch's last step, as Lightning logs epoch metrics: the next epoch's first step is a checkpoint's
         # step, from which a resumed run logs anew.
-        epoch = torch.full((self.members,), float(self.current_epoch))
-        self.log_members(values | {"epoch": epoch}, step=max(0, self.global_step - 1))
+        epoch = torch.full((self.members,), float(self.current_epoch), device=self.best_val_acc.device)
+        read = self.log_members(values | {"epoch": epoch}, step=max(0, self.global_step - 1))
+        for i, metrics in enumerate(self.member_metrics):
+            metrics.update({k: v[i] for k, v in zip(values, read, strict=False)})
         # Every rank holds the same synced values; sync_dist only silences Lightning's DDP warning.
-        alive = self.alive if self.alive.any() else torch.ones_like(self.alive)
+        alive = self.alive if any(self.alive_host) else torch.ones_like(self.alive)
         self.log_dict({k: v[alive].mean() for k, v in values.items()}, prog_bar=stage == "val", sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:

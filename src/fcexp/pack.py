@@ -1,5 +1,6 @@
-"""A pack's members as runs of their own: each member's callbacks see the pack's trainer and module as if the member
-trained alone, and its checkpoints are the checkpoints that member would have written alone.
+"""A pack's members as runs of their own. The pack is the unit every part of a run works on: fcexp's callbacks are
+ordinary callbacks on the pack's trainer that compute for every member at once, and fan out to each member's
+folder, record, TensorBoard run and checkpoints only at the edge (`PackRuns`, `Checkpoints`).
 
 A single run is a pack of one, so this is also how every run is trained (fcexp.train.train_pack).
 """
@@ -7,8 +8,9 @@ A single run is a pack of one, so this is also how every run is trained (fcexp.t
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -20,160 +22,162 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcexp.data import MNISTDataModule
 from fcexp.module import DROPOUT_STREAMS, Classifier
-from fcexp.record import RunRecord
+from fcexp.record import CHECKPOINTS, INTERRUPTED, INTERRUPTS, RunRecord
 
 
 @dataclass
 class Member:
-    """One run of a pack: its folder, record, logger, callbacks and data, and its latest epoch metrics."""
+    """One run of a pack: its folder, record, logger and data."""
 
     index: int
     run_dir: Path
     record: RunRecord
     logger: TensorBoardLogger | None = None
-    callbacks: list[L.Callback] = field(default_factory=list)
     datamodule: MNISTDataModule | None = None
     error: BaseException | None = None  # set when it failed while the others went on
 
-    def trainer(self, trainer: L.Trainer) -> MemberTrainer:
-        return MemberTrainer(trainer, self)
+
+def living(members: Sequence[Member]) -> list[Member]:
+    return [m for m in members if m.error is None]
 
 
-class MemberTrainer:
-    """The pack's trainer as one member's callbacks see it: that member's logger, metrics, folder and data, and a
-    save_checkpoint that writes that member's checkpoint. Everything else is the pack's trainer."""
-
-    def __init__(self, trainer: L.Trainer, member: Member):
-        self._trainer, self._member = trainer, member
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._trainer, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # A callback's writes (EarlyStopping's should_stop) reach the pack's trainer.
-        if name in ("_trainer", "_member"):
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self._trainer, name, value)
-
-    @property
-    def loggers(self) -> list:
-        return [self._member.logger] if self._member.logger is not None else []
-
-    @property
-    def logger(self):
-        return self._member.logger
-
-    @property
-    def callback_metrics(self) -> dict[str, torch.Tensor]:
-        return self._trainer.lightning_module.member_metrics[self._member.index]
-
-    @property
-    def default_root_dir(self) -> str:
-        return str(self._member.run_dir)
-
-    @property
-    def log_dir(self) -> str:
-        return str(self._member.run_dir)
-
-    @property
-    def datamodule(self) -> MNISTDataModule | None:
-        return self._member.datamodule
-
-    def save_checkpoint(self, filepath, weights_only: bool = False, storage_options: Any = None) -> None:
-        trainer = self._trainer
-        pack = trainer._checkpoint_connector.dump_checkpoint(weights_only)
-        checkpoint = member_checkpoint(pack, trainer.lightning_module, self._member)
-        trainer.strategy.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
-        trainer.strategy.barrier("Trainer.save_checkpoint")
+def runs_of(trainer: L.Trainer, module: Classifier) -> list[Member]:
+    """The runs a module trains, where each member's files go: what fcexp.train gave it (`module.runs`), or, for a
+    module in a plain Trainer, one run in the trainer's folder with its TensorBoard logger."""
+    if module.runs:
+        return living(module.runs)
+    logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    return [Member(0, Path(trainer.default_root_dir), None, logger)]
 
 
-class MemberModule:
-    """The pack's module as one member's callbacks see it: `net` is that member's net alone (views of the pack's
-    tensors and gradients), `predict_step` its probabilities."""
-
-    def __init__(self, module: Classifier, index: int):
-        self._module, self._index = module, index
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
-
-    @property
-    def net(self) -> torch.nn.Sequential:
-        return self._module.net.member(self._index)
-
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        cached = self._module.test_probs
-        if cached is not None and cached[0] is batch[0]:  # test_step just computed every member's
-            return cached[1][self._index]
-        return self._module.output_activation(self._module.net(batch[0])[self._index])
+def save_members(trainer: L.Trainer, module: Classifier, members: Sequence[Member], paths: Sequence[Path]) -> None:
+    """Write each of `members` the checkpoint it would have written alone, to its path: all cut from one gather of
+    the pack's state."""
+    if not members:
+        return
+    # Lightning has no public call that returns a checkpoint instead of writing it; trainer.save_checkpoint writes
+    # one file, the pack's, where each member needs its own.
+    pack = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    for member, path in zip(members, paths, strict=True):
+        trainer.strategy.save_checkpoint(member_checkpoint(pack, module, member), path)
+    trainer.strategy.barrier("fcexp.pack.save_members")
 
 
-# The callback hooks a member's callbacks get, with the member's view of trainer and module.
-HOOKS = (
-    "setup",
-    "teardown",
-    "on_fit_start",
-    "on_fit_end",
-    "on_sanity_check_start",
-    "on_sanity_check_end",
-    "on_train_batch_start",
-    "on_train_batch_end",
-    "on_train_epoch_start",
-    "on_train_epoch_end",
-    "on_validation_epoch_start",
-    "on_validation_epoch_end",
-    "on_test_epoch_start",
-    "on_test_epoch_end",
-    "on_validation_batch_start",
-    "on_validation_batch_end",
-    "on_test_batch_start",
-    "on_test_batch_end",
-    "on_train_start",
-    "on_train_end",
-    "on_validation_start",
-    "on_validation_end",
-    "on_test_start",
-    "on_test_end",
-    "on_exception",
-    "on_before_backward",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_before_zero_grad",
-)
-
-
-class Members(L.Callback):
-    """Runs each member's own callbacks on its view of the pack (members that failed are left out); their state
-    goes into checkpoints member by member."""
+class PackRuns(L.Callback):
+    """The edge of a pack: each member's record (metrics.json) follows the training, from the per-member metrics the
+    module keeps; Ctrl-C or SIGTERM leaves each member its interrupted.ckpt. In checkpoints it carries the random
+    state of the process (the data order and dropout masks have generators of their own)."""
 
     def __init__(self, members: Sequence[Member]):
         self.members = list(members)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"members": [{cb.state_key: cb.state_dict() for cb in m.callbacks} for m in self.members]}
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"rng": rng}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for member, states in zip(self.members, state_dict["members"], strict=True):
-            for cb in member.callbacks:
-                if cb.state_key in states:
-                    cb.load_state_dict(states[cb.state_key])
+        rng = state_dict["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Classifier) -> None:
+        for member in living(self.members):
+            member.record.start(trainer)
+
+    # An epoch's train and val metrics are all logged only once its last hook has run, so each epoch is recorded
+    # when the next one starts, and the last one when training ends.
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Classifier) -> None:
+        self._record_epoch(trainer, pl_module, trainer.current_epoch - 1)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Classifier) -> None:
+        self._record_epoch(trainer, pl_module, trainer.current_epoch - 1)
+
+    def _record_epoch(self, trainer: L.Trainer, pl_module: Classifier, epoch: int) -> None:
+        for member in living(self.members):
+            member.record.epoch(epoch, trainer.global_step, pl_module.member_metrics[member.index])
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Classifier, exception: BaseException) -> None:
+        if isinstance(exception, INTERRUPTS):
+            # Lightning turns Ctrl-C and SIGTERM into an exit; first keep what a resume needs.
+            members = living(self.members)
+            save_members(trainer, pl_module, members, [m.run_dir / CHECKPOINTS / INTERRUPTED for m in members])
+            for member in members:
+                member.record.fail(exception, pl_module.member_metrics[member.index])
 
 
-def _dispatch(hook: str):
-    def call(self: Members, trainer: L.Trainer, pl_module: Classifier, *args: Any, **kwargs: Any) -> None:
-        for member in self.members:
-            if member.error is None:
-                view, module = member.trainer(trainer), MemberModule(pl_module, member.index)
-                for cb in member.callbacks:
-                    getattr(cb, hook)(view, module, *args, **kwargs)
+class Checkpoints(L.Callback):
+    """Each member's checkpoints, in <run folder>/checkpoints, at every validation end: `best` (the epoch with the
+    best `monitor`; its older file removed), rewritten only for the members that improved, and `last`, the newest
+    state, which a resume continues from and `fcexp.evaluate` is pointed at. Either name may be None (not kept);
+    `best` may hold {epoch} and {step}. All files of one validation come from one gather of the pack's state."""
 
-    call.__name__ = hook
-    return call
+    def __init__(
+        self,
+        monitor: str = "val/acc",
+        mode: str = "max",
+        best: str | None = "best-epoch{epoch:02d}",
+        last: str | None = "last",
+    ):
+        if mode not in ("max", "min"):
+            raise ValueError(f"callbacks.checkpoint.mode must be max or min, got {mode!r}")
+        if monitor not in ("val/acc", "val/loss"):
+            raise ValueError(f"callbacks.checkpoint.monitor must be val/acc or val/loss, got {monitor!r}")
+        try:
+            (best or "").format(epoch=0, step=0)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"callbacks.checkpoint.best may hold only {{epoch}} and {{step}}, got {best!r} ({err})"
+            ) from None
+        self.monitor, self.mode, self.best_name, self.last_name = monitor, mode, best, last
+        self.members: list[Member] = []
+        self.best: torch.Tensor | None = None  # each member's best `monitor` so far; in checkpoints
+
+    def setup(self, trainer: L.Trainer, pl_module: Classifier, stage: str) -> None:
+        if self.best is None:
+            self.best = torch.full((pl_module.members,), -math.inf if self.mode == "max" else math.inf)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict["best"]
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Classifier) -> None:
+        if trainer.sanity_checking:
+            return
+        members = runs_of(trainer, pl_module)
+        writes: list[tuple[Member, Path]] = []
+        folders = [m.run_dir / CHECKPOINTS for m in members]
+        if self.best_name is not None:
+            value = torch.tensor([pl_module.member_metrics[m.index][self.monitor] for m in members])  # host floats
+            best = self.best[[m.index for m in members]]
+            improved = value > best if self.mode == "max" else value < best
+            name = self.best_name.format(epoch=trainer.current_epoch, step=trainer.global_step) + ".ckpt"
+            for m, folder, better in zip(members, folders, improved.tolist(), strict=True):
+                if better:
+                    self.best[m.index] = value[members.index(m)]
+                    writes.append((m, folder / name))
+        if self.last_name is not None:
+            writes += [(m, folder / f"{self.last_name}.ckpt") for m, folder in zip(members, folders, strict=True)]
+        if not writes:
+            return
+        for _, path in writes:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        save_members(trainer, pl_module, [m for m, _ in writes], [path for _, path in writes])
+        if self.best_name is not None and trainer.is_global_zero:  # the member's older best, once the new one is in
+            pattern = re.sub(r"\{[^}]*\}", "*", self.best_name) + ".ckpt"
+            for _, path in writes:
+                if path.name != f"{self.last_name}.ckpt":
+                    for old in path.parent.glob(pattern):
+                        if old != path:
+                            old.unlink(missing_ok=True)
 
 
-for _hook in HOOKS:
-    setattr(Members, _hook, _dispatch(_hook))
+def _per_member(value: Any, members: int) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == members
 
 
 def _slice(value: Any, start: int, stop: int) -> Any:
@@ -213,8 +217,12 @@ def member_checkpoint(pack: dict[str, Any], module: Classifier, member: Member) 
         checkpoint["optimizer_states"] = [{"state": state, "param_groups": [dict(group, params=params)]}]
     if DROPOUT_STREAMS in pack:
         checkpoint[DROPOUT_STREAMS] = [pack[DROPOUT_STREAMS][i]]
-    states = pack.get("callbacks", {}).get(Members.__qualname__)
-    checkpoint["callbacks"] = states["members"][i] if states else {}
+    # Callback states: a tensor with a leading member dimension is each member's own.
+    members = module.members
+    checkpoint["callbacks"] = {
+        key: {k: _slice(v, i, i + 1) if _per_member(v, members) else v for k, v in state.items()}
+        for key, state in pack.get("callbacks", {}).items()
+    }
     hparams = dict(pack["hyper_parameters"])
     checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if k != "members"} | (
         hparams["members"][i] if "members" in hparams else {}
@@ -266,7 +274,13 @@ def merged_checkpoint(checkpoints: Sequence[dict[str, Any]], module: Classifier)
         merged["optimizer_states"] = [{"state": state, "param_groups": groups}]
     if all(DROPOUT_STREAMS in c for c in checkpoints):
         merged[DROPOUT_STREAMS] = [state for c in checkpoints for state in c[DROPOUT_STREAMS]]
-    merged["callbacks"] = {Members.__qualname__: {"members": [c.get("callbacks", {}) for c in checkpoints]}}
+    merged["callbacks"] = {
+        key: {
+            k: torch.cat([c["callbacks"][key][k] for c in checkpoints]) if _per_member(v, 1) else v
+            for k, v in state.items()
+        }
+        for key, state in checkpoints[0].get("callbacks", {}).items()
+    }
     merged["hyper_parameters"] = dict(module.hparams)
     return merged
 

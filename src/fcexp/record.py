@@ -352,12 +352,9 @@ def _record_problem(record: Any) -> str | None:
     return None
 
 
-class RunRecord(L.Callback):
-    """Keeps metrics.json current: status "running" with the history so far, then the final result.
-
-    It also carries, in every checkpoint, the random state a resumed run needs to draw the same dropout masks as
-    an uninterrupted one (the data order is a function of seed and epoch alone).
-    """
+class RunRecord:
+    """Keeps metrics.json current: status "running" with the history so far, then the final result (fed by
+    fcexp.pack.PackRuns as the run trains)."""
 
     def __init__(
         self,
@@ -366,9 +363,11 @@ class RunRecord(L.Callback):
         resume: bool = False,
         config: DictConfig | None = None,
         pack: int = 1,
+        origin: dict[str, Any] | None = None,
     ):
         """`config`: what a resume trains with, kept in .hydra/resumed once it trains (the run's first config stays
-        in .hydra). `pack`: the members of the pack the run trains in; its wall time is its share of the pack's."""
+        in .hydra). `pack`: the members of the pack the run trains in; its wall time is its share of the pack's.
+        `origin`: its provenance, where the pack's members share one (taken once per pack)."""
         self.config, self.pack = config, pack
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / RECORD
@@ -383,13 +382,13 @@ class RunRecord(L.Callback):
             "history": previous["history"] if previous else [],
             "metrics": {},
             "wall_time_s": 0.0,
-            "provenance": previous.get("provenance") if previous else provenance(),
+            "provenance": previous.get("provenance") if previous else dict(origin or provenance()),
             "resumes": previous.get("resumes", []) if previous else [],
         }
         self.resumed = previous is not None
         if self.resumed:
             self.record["resumes"].append(
-                {k: v for k, v in provenance().items() if k in ("command", "host", "slurm_job", "started")}
+                {k: v for k, v in (origin or provenance()).items() if k in ("command", "host", "slurm_job", "started")}
             )
         # A new run is recorded at once; a resumed one only once it trains: a resume refused or failing before that
         # leaves the record as it was (a completed run's results stay).
@@ -425,19 +424,8 @@ class RunRecord(L.Callback):
         if rank_zero_only.rank == 0:
             write_json(self.path, self.record)
 
-    def state_dict(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"rng": rng}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        rng = state_dict["rng"]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def start(self, trainer: L.Trainer) -> None:
+        """Training starts (or continues, in a resumed run, from the trainer's step)."""
         if self.resumed and not self.writing and self.config is not None and rank_zero_only.rank == 0:
             kept = self.run_dir / ".hydra" / "resumed"
             kept.mkdir(parents=True, exist_ok=True)
@@ -456,27 +444,13 @@ class RunRecord(L.Callback):
         (self.record["resumes"][-1] if self.resumed else self.record["provenance"]["device"]).update(used)
         self.save()
 
-    # An epoch's train and val metrics are all logged only once its last hook has run, so each epoch
-    # is recorded when the next one starts, and the last one when training ends.
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._append_epoch(trainer, trainer.current_epoch - 1)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._append_epoch(trainer, trainer.current_epoch - 1)
-
-    def _append_epoch(self, trainer: L.Trainer, epoch: int) -> None:
+    def epoch(self, epoch: int, step: int, metrics: Mapping[str, Any]) -> None:
+        """Epoch `epoch` ended at `step` with these metrics: added to the history, once."""
         history = self.record["history"]
-        if "val/acc" not in trainer.callback_metrics or (history and history[-1]["epoch"] >= epoch):
+        if "val/acc" not in metrics or (history and history[-1]["epoch"] >= epoch):
             return
-        metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}
-        history.append({"epoch": epoch, "step": trainer.global_step, **metrics})
+        history.append({"epoch": epoch, "step": step, **{k: _scalar(v) for k, v in metrics.items()}})
         self.save()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, INTERRUPTS):
-            # Lightning turns Ctrl-C and SIGTERM into an exit; first keep what a resume needs.
-            trainer.save_checkpoint(self.run_dir / CHECKPOINTS / INTERRUPTED, weights_only=False)
-            self.fail(exception, trainer.callback_metrics)
 
     def fail(self, error: BaseException, metrics: Mapping[str, Any]) -> None:
         """Record a run that ended early: "interrupted" (Ctrl-C, SIGTERM) or "failed" with its error."""
@@ -497,9 +471,9 @@ class RunRecord(L.Callback):
 
 class StepBoundaryCtrlC(L.Callback):
     """While training, Ctrl-C takes effect at the next step or validation batch, so the checkpoint it leaves
-    (RunRecord.on_exception) holds whole steps: the weights, optimizer moments, epoch sums and random state of the
-    last step done, from which a resumed run draws the same dropout masks as an uninterrupted one. Pressed again, it
-    stops at once."""
+    (fcexp.pack.PackRuns.on_exception) holds whole steps: the weights, optimizer moments, epoch sums and random
+    streams of the last step done, from which a resumed run draws the same dropout masks as an uninterrupted one.
+    Pressed again, it stops at once."""
 
     def __init__(self) -> None:
         self.pressed = False

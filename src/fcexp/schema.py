@@ -133,16 +133,8 @@ class Checkpoint:
     _target_: str = MISSING
     monitor: str = MISSING
     mode: str = MISSING
-    enable_version_counter: bool = MISSING
-    filename: str = MISSING
-    auto_insert_metric_name: bool = MISSING
-
-
-@dataclass
-class LastCheckpoint:
-    _target_: str = MISSING
-    filename: str = MISSING
-    enable_version_counter: bool = MISSING
+    best: Optional[str] = MISSING
+    last: Optional[str] = MISSING
 
 
 @dataclass
@@ -182,7 +174,6 @@ class Callbacks:
     """fcexp's callbacks; `~callbacks.<name>` leaves one out (None), `+callbacks.<name>=…` adds another."""
 
     checkpoint: Optional[Checkpoint] = None
-    last: Optional[LastCheckpoint] = None
     progress: Optional[Progress] = None
     grad_norms: Optional[GradNorms] = None
     unit_health: Optional[UnitHealth] = None

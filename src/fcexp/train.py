@@ -34,7 +34,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 import fcexp.conf  # noqa: F401  registers the configs' resolvers, also in a sweep's worker processes
 from fcexp.data import DataError
 from fcexp.module import MEMBER_KNOBS, Classifier
-from fcexp.pack import Member, Members, PackedData, member_bytes, merged_checkpoint, pack_key, pack_sizes
+from fcexp.pack import Member, PackedData, PackRuns, member_bytes, merged_checkpoint, pack_key, pack_sizes
 from fcexp.record import (
     RECORD,
     AtomicCheckpointIO,
@@ -46,6 +46,7 @@ from fcexp.record import (
     flat_hparams,
     mark,
     override_key,
+    provenance,
     read_checkpoint,
     requeued,
     resume_checkpoint,
@@ -171,8 +172,9 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
     """Train, test and record runs that share a model shape and data settings as one pack (fcexp.pack): each ends
     with its metrics.json content, or, when it failed while the others went on, its error."""
     quiet_lightning()
+    origin = provenance()  # one git and version read for the pack
     members = [
-        Member(i, job.run_dir, RunRecord(job.run_dir, job.overrides, job.resume, job.cfg, pack=len(jobs)))
+        Member(i, job.run_dir, RunRecord(job.run_dir, job.overrides, job.resume, job.cfg, len(jobs), origin))
         for i, job in enumerate(jobs)
     ]
     trainer = None
@@ -198,7 +200,7 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
         model = _members_model(cfgs)
         model.on_member_failed = failed
         resumed = [resume_checkpoint(job.run_dir)[0] if job.resume else None for job in jobs]
-        for member, cfg, job, ckpt in zip(members, cfgs, jobs, resumed, strict=True):
+        for member, job, ckpt in zip(members, jobs, resumed, strict=True):
             # The run folder is the TensorBoard run. A resumed run first drops the events the stopped one logged
             # after its checkpoint (TensorBoard's purge_step), so no step shows twice. Events reach the disk every
             # 2 s (not torch's 120): TensorBoard shows a run as it trains, and a killed run loses at most those.
@@ -206,10 +208,10 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
             member.logger = TensorBoardLogger(
                 save_dir=job.run_dir, name="", version="", default_hp_metric=False, purge_step=purge_step, flush_secs=2
             )
-            member.callbacks = [
-                instantiate(c) for name, c in cfg.callbacks.items() if c is not None and name != "progress"
-            ] + [member.record]
-        model.member_loggers = [m.logger for m in members]
+        model.runs = members
+        # The members share their callbacks' settings (fcexp.pack.pack_key): one of each for the pack, each computing
+        # for every member and writing to each member's run.
+        callbacks = [instantiate(c) for name, c in first.callbacks.items() if c is not None and name != "progress"]
         if any(ckpt is None for ckpt in resumed) and any(ckpt is not None for ckpt in resumed):
             raise ValueError("a pack resumes all its members from checkpoints or none")
         if first.trainer.accelerator == "cpu" or not torch.cuda.is_available():
@@ -230,8 +232,8 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
         trainer = instantiate(
             first.trainer,
             logger=False,
-            enable_checkpointing=False,  # each member has its own checkpoint callback, among its callbacks
-            callbacks=[*progress, *summary, StepBoundaryCtrlC(), Members(members)],
+            enable_checkpointing=False,  # each member's checkpoints come from fcexp.pack.Checkpoints
+            callbacks=[*progress, *summary, StepBoundaryCtrlC(), PackRuns(members), *callbacks],
             plugins=[checkpoint_io],
             default_root_dir=jobs[0].run_dir,
         )
@@ -529,7 +531,8 @@ def check_resume(cfg: DictConfig, run_dir: Path, previous: dict) -> list[str]:
                 f"no checkpoint of {run_dir} loads: {'; '.join(skipped)}; delete them to train the run again from "
                 "step 0, or start a new run"
             )
-        if cfg.callbacks.get("checkpoint") is None and cfg.callbacks.get("last") is None:
+        kept = cfg.callbacks.get("checkpoint")
+        if kept is None or (kept.get("best") is None and kept.get("last") is None):
             raise ValueError(f"{run_dir} kept no checkpoints (its callbacks have none): nothing to resume from")
         return [f"{run_dir} stopped before its first checkpoint: training it again from step 0"]
     state = read_checkpoint(path)["state_dict"]
