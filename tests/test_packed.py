@@ -282,6 +282,46 @@ def test_members_that_cannot_share_a_model_train_in_separate_packs(mnist_root, t
     assert [r["status"] for r in records(only_sweep(tmp_path)).values()] == ["completed"] * 12
 
 
+@pytest.mark.slow
+def test_one_gather_per_save_writes_each_members_files_once(mnist_root, tmp_path, monkeypatch):
+    """Three members, three epochs: at each validation one dump of the pack's state, every member's last.ckpt once,
+    and its best only when it improved (a member made to get worse keeps its first best)."""
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    from fcexp.record import AtomicCheckpointIO
+
+    dumps, writes = [], []
+    dump, save = _CheckpointConnector.dump_checkpoint, AtomicCheckpointIO.save_checkpoint
+    monkeypatch.setattr(
+        _CheckpointConnector, "dump_checkpoint", lambda self, *a, **k: dumps.append(1) or dump(self, *a, **k)
+    )
+    monkeypatch.setattr(
+        AtomicCheckpointIO,
+        "save_checkpoint",
+        lambda self, c, path, *a, **k: writes.append(Path(path)) or save(self, c, path, *a, **k),
+    )
+    # Member 2's learning rate grows past usefulness after epoch 1 (lr 1: Adam overshoots), so it stops improving.
+    jobs = [["seed=0"], ["seed=1"], ["seed=2", "optimizer.lr=1.0"]]
+    overrides = ["data.limit_train=1280", "trainer.max_epochs=3", "callbacks=plain", "model.dropout=0"]
+    results = train_pack(
+        [Job(compose_config(*overrides, *o), tmp_path / str(i), [*overrides, *o]) for i, o in enumerate(jobs)]
+    )
+    assert len(dumps) == 3  # one per validation, for the whole pack
+    for i, result in enumerate(results):
+        mine = [w for w in writes if w.parent.parent == tmp_path / str(i)]
+        assert [w.name for w in mine].count("last.ckpt") == 3
+        accs = [h["val/acc"] for h in result["history"]]
+        improved = [a > max(accs[:e], default=-1) for e, a in enumerate(accs)]
+        assert [w.name for w in mine if w.name.startswith("best")] == [
+            f"best-epoch{e:02d}.ckpt" for e, better in enumerate(improved) if better
+        ]
+        (best,) = (tmp_path / str(i) / "checkpoints").glob("best-*.ckpt")  # the older ones removed
+        assert best.name == f"best-epoch{accs.index(max(accs)):02d}.ckpt"
+    assert not all(
+        h > 0 for h in [results[2]["history"][e]["val/acc"] - results[2]["history"][e - 1]["val/acc"] for e in (1, 2)]
+    )
+
+
 def test_member_checkpoints_cut_and_merge_back_exactly():
     """Three members, two optimizer settings (two parameter groups), batch norm on one only: each member's cut is a
     solo checkpoint (it loads strictly, optimizer included), and merging the cuts gives the pack's state back."""
