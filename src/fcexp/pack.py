@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -108,11 +109,14 @@ class PackRuns(L.Callback):
                 member.record.fail(exception, pl_module.member_metrics[member.index])
 
 
-class Checkpoints(L.Callback):
-    """Each member's checkpoints, in <run folder>/checkpoints, at every validation end: `best` (the epoch with the
+class Checkpoints(Checkpoint):
+    """Each member's checkpoints, in <run folder>/checkpoints, at every epoch's end: `best` (the epoch with the
     best `monitor`; its older file removed), rewritten only for the members that improved, and `last`, the newest
     state, which a resume continues from and `fcexp.evaluate` is pointed at. Either name may be None (not kept);
-    `best` may hold {epoch} and {step}. All files of one validation come from one gather of the pack's state."""
+    `best` may hold {epoch} and {step}. All files of one epoch come from one gather of the pack's state.
+
+    As Lightning's ModelCheckpoint (and, as a Checkpoint, after the other callbacks), it saves at the training
+    epoch's end, once the epoch's validation ran: a resume then starts with the next epoch."""
 
     def __init__(
         self,
@@ -145,13 +149,12 @@ class Checkpoints(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = state_dict["best"]
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: Classifier) -> None:
-        if trainer.sanity_checking:
-            return
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Classifier) -> None:
         members = runs_of(trainer, pl_module)
         writes: list[tuple[Member, Path]] = []
         folders = [m.run_dir / CHECKPOINTS for m in members]
-        if self.best_name is not None:
+        validated = all(self.monitor in pl_module.member_metrics[m.index] for m in members)
+        if self.best_name is not None and validated:
             value = torch.tensor([pl_module.member_metrics[m.index][self.monitor] for m in members])  # host floats
             best = self.best[[m.index for m in members]]
             improved = value > best if self.mode == "max" else value < best

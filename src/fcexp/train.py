@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.callbacks import Checkpoint, ModelSummary
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -232,7 +232,8 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
         trainer = instantiate(
             first.trainer,
             logger=False,
-            enable_checkpointing=False,  # each member's checkpoints come from fcexp.pack.Checkpoints
+            # Each member's checkpoints come from fcexp.pack.Checkpoints; without one, Lightning would add its own.
+            enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
             callbacks=[*progress, *summary, StepBoundaryCtrlC(), PackRuns(members), *callbacks],
             plugins=[checkpoint_io],
             default_root_dir=jobs[0].run_dir,
