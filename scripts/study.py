@@ -1,12 +1,15 @@
 """`python scripts/study.py [--quick] [--seeds N] [--out DIR]`: measure the seed's claims about activations and data
 preparation, each over several seeds.
 
-Trains every run it reports on, in this process, with fcexp's own configs and diagnostics (fcexp.callbacks), and
-writes DIR/report.md with PNG figures beside it; each run's TensorBoard events are under DIR/runs/<name>_seed<s>.
-Every configuration (an arm) trains once per seed, 0 to N-1 (`seed` sets init, batch order and dropout): the report
-gives each number as its mean [95% interval] over seeds and each comparison as a difference with its interval, test
-and verdict (fcexp.stats). The full study (3 seeds, 72 runs) took 7.5 minutes on 2 CPU cores; --quick (2 seeds, a
-few steps per run, for the tests) about half a minute.
+Trains every run it reports on first, in this process, with fcexp's own configs and diagnostics (fcexp.callbacks),
+packed as a packed sweep trains its jobs (fcexp.train.train_pack): the runs that share a net shape and data settings
+train as one vectorized model, each still exactly the run it would be alone. Then it writes DIR/report.md with PNG
+figures beside it, from what each run wrote to its folder DIR/runs/<name>_seed<s> (metrics.json, TensorBoard events,
+last.ckpt where the report tests a net again). Every configuration (an arm) trains once per seed, 0 to N-1 (`seed`
+sets init, batch order and dropout): the report gives each number as its mean [95% interval] over seeds and each
+comparison as a difference with its interval, test and verdict (fcexp.stats). Trained solo, one run after another,
+the full study (3 seeds, 72 runs) took 7.5 minutes on 2 CPU cores; packed, about 6 (extrapolated from 1/8 and 1/4 of
+its steps); --quick (2 seeds, a few steps per run, for the tests) about half a minute.
 """
 
 from __future__ import annotations
@@ -22,22 +25,23 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
-from typing import Any
 
-import lightning as L
 import matplotlib
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from lightning.fabric.loggers.logger import Logger
-from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fcexp.data import MNISTDataModule
 from fcexp.module import Classifier, class_indices
-from fcexp.record import cpu_model, shell_program
+from fcexp.pack import member_bytes, pack_key, pack_sizes
+from fcexp.record import CHECKPOINTS, cpu_model, shell_program
 from fcexp.stats import Interval, difference, holm, interval
-from fcexp.train import compose_config, quiet_lightning
+from fcexp.train import Job, compose_config, quiet_lightning, train_pack
+from hydra_plugins.fcexp_packed.packed_launcher import free_memory
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
@@ -50,7 +54,7 @@ VANISHED = 0.01  # "lost its gradient": first layer's norm below 1% of the outpu
 # Steps per run: (training images, epochs). Batches are 128 images, so 12,800 images are 100 steps an epoch.
 # The single-seed study ran 800 / 1,173 / 1,173 steps and took 7.9 minutes on this shared machine: three seeds of it
 # would not fit in 20. Halving the steps keeps every arm (each carries a claim); three seeds then took 7.5 minutes
-# with the other core idle, leaving room for a busy one.
+# (trained solo) with the other core idle, leaving room for a busy one.
 SETTINGS = {
     "full": {"depth": (25_600, 2), "dying": (25_600, 3), "data": (50_000, 2), "width": 256, "overrides": []},
     # Quick runs validate on 2,000 images instead of 10,000 (there, validation would cost more than training) and
@@ -65,43 +69,46 @@ SETTINGS = {
 }
 # Which arm's step count the report header quotes for each kind of run.
 PARTS = {"depth runs": "depth2_sigmoid", "dying ReLU": "dying_relu_lr0.001", "sections 3-4": "normalize_scale"}
-# The study's runs keep only the diagnostics it reads; the seed's own arm (section 3's `scale`) also draws figures.
-SEED_RUN = ["~callbacks.checkpoint", "~callbacks.last", "~callbacks.progress"]
-LEAN = [*SEED_RUN, "~callbacks.histograms", "~callbacks.figures"]
+# Every run of the study: no progress display or model summary.
+QUIET = ["callbacks.progress.refresh_rate=0", "trainer.enable_model_summary=false"]
+# Most runs keep only the diagnostics the report reads. The arms whose nets sections 4-5 test again also keep
+# last.ckpt (the net as training left it, not the best epoch's), and the seed's own arm (section 3's `scale`) every
+# diagnostic, for the figures the report shows: drawn for the other arms too, they would cost more than the pack
+# they would share with it saves.
+LEAN = ["~callbacks.checkpoint", "~callbacks.histograms", "~callbacks.figures"]
+TESTED = ["callbacks.checkpoint.best=null", "~callbacks.histograms", "~callbacks.figures"]
+SEED_RUN = ["callbacks.checkpoint.best=null"]
+# Runs per pack at most, as a packed sweep's default (hydra.launcher.max_members); memory may allow fewer.
+MAX_MEMBERS = 32
 
 
-class Collect(Logger):
-    """Keeps every logged scalar in memory, so the report reads the numbers the run itself logged."""
-
-    def __init__(self):
-        super().__init__()
-        self.series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-
-    @property
-    def name(self) -> str:
-        return "collect"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        for key, value in metrics.items():
-            self.series[key].append((step or 0, float(value)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-@dataclass
+@dataclass(eq=False)
 class Run:
+    """One trained run, read back from its folder: the scalars it logged to TensorBoard, its test metrics and steps
+    from metrics.json, and its net from last.ckpt where it kept one."""
+
     name: str
-    model: Classifier
-    datamodule: L.LightningDataModule
+    run_dir: Path
+    cfg: DictConfig
+    datamodule: MNISTDataModule  # shared by the runs with the same data settings; set up when first read
     series: dict[str, list[tuple[int, float]]]
     test: dict[str, float]
-    seconds: float
+    seconds: float  # its share of its pack's wall time
     steps: int
+
+    @classmethod
+    def read(cls, job: Job, record: dict, datamodule: MNISTDataModule) -> Run:
+        """The run `job` trained, from its metrics.json content (`record`) and its TensorBoard events."""
+        events = EventAccumulator(str(job.run_dir), size_guidance={"scalars": 0}).Reload()
+        series = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+        test = {k: v for k, v in record["metrics"].items() if k.startswith("test/")}
+        steps = record["history"][-1]["step"]
+        return cls(job.run_dir.name, job.run_dir, job.cfg, datamodule, series, test, record["wall_time_s"], steps)
+
+    @cached_property
+    def model(self) -> Classifier:
+        """The net as training left it: the run's last.ckpt, which a pack's member writes as a solo run would."""
+        return Classifier.load_from_checkpoint(self.run_dir / CHECKPOINTS / "last.ckpt", map_location="cpu")
 
     def last(self, key: str) -> float:
         return self.series[key][-1][1]
@@ -121,6 +128,7 @@ class Run:
 
 
 Arm = dict[int, Run]  # one configuration's runs, by seed
+Report = Callable[[], list[str]]  # a section's text, written once the study's runs have trained
 
 
 @dataclass
@@ -129,48 +137,65 @@ class Study:
     overrides: list[str]  # added to every run's
     seeds: list[int]
     arms: dict[str, Arm] = field(default_factory=dict)
-    tensors: dict[str, dict] = field(default_factory=dict)  # a DataModule's tensors, by its settings but the seed
+    jobs: list[tuple[str, Job]] = field(default_factory=list)  # every run to train, with its arm
+    packs: list[int] = field(default_factory=list)  # the runs of each pack it trained
+    failed: dict[str, BaseException] = field(default_factory=dict)  # by run name
+    datamodules: dict[str, MNISTDataModule] = field(default_factory=dict)  # by data settings but the seed
 
     def arm(self, name: str, overrides: list[str], callbacks: list[str] = LEAN) -> Arm:
-        """One configuration, trained once per seed: composed once, so its runs differ in the seed alone."""
-        cfg = compose_config(*callbacks, *self.overrides, *overrides)
-        runs = {}
+        """One configuration, to train once per seed: composed once, so its runs differ in the seed alone. Its runs
+        by seed, once the study has trained them (`train`)."""
+        args = [*QUIET, *callbacks, *self.overrides, *overrides]
+        cfg = compose_config(*args)
         for seed in self.seeds:
-            cfg.seed = seed  # data.seed is ${seed}: init, batch order and dropout all follow it
-            runs[seed] = self.train(f"{name}_seed{seed}", cfg)
-        self.arms[name] = runs
-        return runs
+            run_dir = self.out / "runs" / f"{name}_seed{seed}"
+            # data.seed is ${seed}: init, batch order and dropout all follow it
+            self.jobs.append((name, Job(OmegaConf.merge(cfg, {"seed": seed}), run_dir, [*args, f"seed={seed}"])))
+        return self.arms.setdefault(name, {})
 
-    def train(self, name: str, cfg: DictConfig) -> Run:
-        """One run of fcexp's Classifier on a composed config, with the TensorBoard logger and an in-memory one."""
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        datamodule = instantiate(cfg.data)
-        # Runs with the same data settings share one set of tensors (setup keeps tensors it has); the seed only
-        # orders the batches, so each run still gets its own DataModule.
+    def train(self) -> None:
+        """Train every run the sections planned, in as few packs as fcexp.pack allows (as a packed sweep does,
+        fcexp.train.train_packs): runs that share a net shape and data settings, at most MAX_MEMBERS and half the
+        free memory a pack. Each run that trained joins its arm; each that failed is kept in `failed`."""
+        groups: dict[str, list[tuple[str, Job]]] = defaultdict(list)
+        for name, job in self.jobs:
+            key = pack_key(job.cfg)
+            if job.cfg.activation.name == "prelu":
+                key += str(job.run_dir)  # learned activations train alone
+            groups[key].append((name, job))
+        budget = free_memory() / 2
+        packs = []
+        for group in groups.values():
+            limit = min(MAX_MEMBERS, max(1, int(budget // member_bytes(group[0][1].cfg))))
+            start = 0
+            for size in pack_sizes(len(group), limit):
+                packs.append(group[start : start + size])
+                start += size
+        self.packs = [len(pack) for pack in packs]
+        for k, pack in enumerate(packs, start=1):
+            started = time.perf_counter()
+            results = train_pack([job for _, job in pack])
+            print(f"pack {k}/{len(packs)}: {len(pack)} runs, {time.perf_counter() - started:.1f} s", flush=True)
+            for (name, job), result in zip(pack, results, strict=True):
+                if isinstance(result, BaseException):
+                    self.failed[job.run_dir.name] = result
+                    print(f"  {job.run_dir.name}: failed: {result}", flush=True)
+                    continue
+                run = Run.read(job, result, self.datamodule(job.cfg))
+                self.arms[name][job.cfg.seed] = run
+                print(
+                    f"  {run.name}: test acc {run.test['test/acc']:.4f}, {run.steps} steps, {run.seconds:.1f} s "
+                    "(its share)",
+                    flush=True,
+                )
+
+    def datamodule(self, cfg: DictConfig) -> MNISTDataModule:
+        """The test data of a run's data settings: one DataModule for all the runs that share them (the seed orders
+        only the training batches)."""
         key = repr(sorted((k, v) for k, v in cfg.data.items() if k != "seed"))
-        if key in self.tensors:
-            datamodule.tensors = self.tensors[key]
-        model = instantiate(cfg.model)
-        collect = Collect()
-        run_dir = self.out / "runs" / name
-        loggers = [TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False), collect]
-        trainer = instantiate(
-            cfg.trainer,
-            logger=loggers,
-            callbacks=[instantiate(c) for c in cfg.callbacks.values()],
-            default_root_dir=run_dir,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        started = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule)
-        (test,) = trainer.test(model, datamodule=datamodule, verbose=False)
-        seconds = time.perf_counter() - started
-        self.tensors[key] = datamodule.tensors
-        run = Run(name, model, datamodule, collect.series, test, seconds, trainer.global_step)
-        print(f"  {name}: test acc {test['test/acc']:.4f}, {run.steps} steps, {seconds:.1f} s", flush=True)
-        return run
+        if key not in self.datamodules:
+            self.datamodules[key] = instantiate(cfg.data)
+        return self.datamodules[key]
 
     def figure(self, fig: plt.Figure, name: str) -> str:
         fig.tight_layout()
@@ -257,7 +282,7 @@ def test_acc(run: Run) -> float:
 # ---- 1. vanishing gradients -------------------------------------------------------------------------------------
 
 
-def vanishing(study: Study, s: dict) -> list[str]:
+def vanishing(study: Study, s: dict) -> Report:
     common = ["model.dropout=0", "model.l2=0", *steps_overrides(*s["depth"])]
     columns = [(act, False) for act in ACTS] + [("sigmoid", True)]
     arms: dict[tuple[str, bool, int], Arm] = {}
@@ -281,93 +306,100 @@ def vanishing(study: Study, s: dict) -> list[str]:
     def at_end(kind: str) -> Callable[[Run], float]:
         return lambda run: run.mean_over_layers(f"units/{kind}")[-1][1]
 
-    first = study.seeds[0]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
-    for ax, (act, bn) in zip(axes.flat, columns, strict=False):
-        for depth, color in zip(DEPTHS, ("C0", "C1", "C3"), strict=True):
-            run = arms[act, bn, depth][first]
-            layers = range(1, depth + 2)
-            ax.semilogy(layers, run.grad_profile(0), "-o", color=color, ms=3, label=f"{depth} hidden, start")
-            ax.semilogy(layers, run.grad_profile(-1), "--", color=color, label=f"{depth} hidden, end")
-        ax.set(title=f"{label(act, bn)} (seed {first})", xlabel="Linear layer (1 = input side)")
-        ax.set(ylabel="weight-gradient norm")
-    axes.flat[0].legend(fontsize=7)
-    summary = axes.flat[-1]
-    for act, bn in columns:
-        means = [10 ** log_interval(per_seed(arms[act, bn, d], ratio_start)).mean for d in DEPTHS]
-        summary.semilogy(DEPTHS, means, "-o", label=label(act, bn))
-    summary.axhline(VANISHED, color="grey", ls=":", label="1%")
-    summary.set(title="first / last layer at start (geometric mean)", xlabel="hidden layers", xticks=DEPTHS)
-    summary.legend(fontsize=7)
-    image = study.figure(fig, "vanishing_gradients.png")
+    def report() -> list[str]:
+        first = study.seeds[0]
+        fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+        for ax, (act, bn) in zip(axes.flat, columns, strict=False):
+            for depth, color in zip(DEPTHS, ("C0", "C1", "C3"), strict=True):
+                run = arms[act, bn, depth][first]
+                layers = range(1, depth + 2)
+                ax.semilogy(layers, run.grad_profile(0), "-o", color=color, ms=3, label=f"{depth} hidden, start")
+                ax.semilogy(layers, run.grad_profile(-1), "--", color=color, label=f"{depth} hidden, end")
+            ax.set(title=f"{label(act, bn)} (seed {first})", xlabel="Linear layer (1 = input side)")
+            ax.set(ylabel="weight-gradient norm")
+        axes.flat[0].legend(fontsize=7)
+        summary = axes.flat[-1]
+        for act, bn in columns:
+            means = [10 ** log_interval(per_seed(arms[act, bn, d], ratio_start)).mean for d in DEPTHS]
+            summary.semilogy(DEPTHS, means, "-o", label=label(act, bn))
+        summary.axhline(VANISHED, color="grey", ls=":", label="1%")
+        summary.set(title="first / last layer at start (geometric mean)", xlabel="hidden layers", xticks=DEPTHS)
+        summary.legend(fontsize=7)
+        image = study.figure(fig, "vanishing_gradients.png")
 
-    table = [
-        "| activation | hidden layers | first/last gradient at start | at end | saturated units (end) "
-        "| sparsity (end) | test accuracy |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for act, bn in columns:
-        for depth in DEPTHS:
-            arm = arms[act, bn, depth]
-            table.append(
-                f"| {label(act, bn)} | {depth} | {ci_ratio(per_seed(arm, ratio_start))} "
-                f"| {ci_ratio(per_seed(arm, ratio_end))} | {ci(per_seed(arm, at_end('saturated')))} "
-                f"| {ci(per_seed(arm, at_end('sparsity')))} | {ci(per_seed(arm, test_acc))} |"
-            )
+        table = [
+            "| activation | hidden layers | first/last gradient at start | at end | saturated units (end) "
+            "| sparsity (end) | test accuracy |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for act, bn in columns:
+            for depth in DEPTHS:
+                arm = arms[act, bn, depth]
+                table.append(
+                    f"| {label(act, bn)} | {depth} | {ci_ratio(per_seed(arm, ratio_start))} "
+                    f"| {ci_ratio(per_seed(arm, ratio_end))} | {ci(per_seed(arm, at_end('saturated')))} "
+                    f"| {ci(per_seed(arm, at_end('sparsity')))} | {ci(per_seed(arm, test_acc))} |"
+                )
 
-    def verdict(bn: bool) -> str:
-        at_start = {d: per_seed(arms["sigmoid", bn, d], ratio_start) for d in DEPTHS}
-        below = [d for d in DEPTHS if log_interval(at_start[d]).high < math.log10(VANISHED)]
-        ratios = "; ".join(f"{ci_ratio(at_start[d])} at {d}" for d in DEPTHS)
-        where = f"at **{', '.join(map(str, below))} hidden layers**" if below else "at no depth tried"
-        return f"is below 1% of the output layer's, its whole 95% interval included, {where} (ratios {ratios})"
+        def verdict(bn: bool) -> str:
+            at_start = {d: per_seed(arms["sigmoid", bn, d], ratio_start) for d in DEPTHS}
+            below = [d for d in DEPTHS if log_interval(at_start[d]).high < math.log10(VANISHED)]
+            ratios = "; ".join(f"{ci_ratio(at_start[d])} at {d}" for d in DEPTHS)
+            where = f"at **{', '.join(map(str, below))} hidden layers**" if below else "at no depth tried"
+            return f"is below 1% of the output layer's, its whole 95% interval included, {where} (ratios {ratios})"
 
-    def over_depths(kind: str, act: str) -> str:
-        """Mean over depths and layers, per seed; then over seeds."""
-        runs = [arms[act, False, d] for d in DEPTHS]
-        return ci({seed: sum(at_end(kind)(arm[seed]) for arm in runs) / len(runs) for seed in study.seeds})
+        def over_depths(kind: str, act: str) -> str:
+            """Mean over depths and layers, per seed; then over seeds."""
+            runs = [arms[act, False, d] for d in DEPTHS]
+            return ci({seed: sum(at_end(kind)(arm[seed]) for arm in runs) / len(runs) for seed in study.seeds})
 
-    deep = DEPTHS[-1]
-    log_ratio = {label(a, bn): per_seed(arms[a, bn, deep], lambda r: math.log10(ratio_start(r))) for a, bn in columns}
-    deep_acc = {label(a, bn): per_seed(arms[a, bn, deep], test_acc) for a, bn in columns}
-    return [
-        "## 1. Vanishing gradients",
-        "",
-        f"Width {s['width']}, no batch norm, no dropout, no L2, Adam at lr 1e-3, "
-        f"{arms['sigmoid', False, deep][first].steps} steps each; the gradient norm of every Linear weight at the "
-        "first step (start) and the last measured step (end). Ratios of gradient norms are geometric means with "
-        "their 95% interval (computed on log10).",
-        "",
-        f"- At initialization, sigmoid's first-layer gradient {verdict(False)}.",
-        f"- With batch norm on every hidden layer, sigmoid's first-layer gradient {verdict(True)}.",
-        f"- Test accuracy at {deep} hidden layers: "
-        + "; ".join(f"{arm} {ci(values)}" for arm, values in deep_acc.items())
-        + ".",
-        f"- Saturated units at the end (mean derivative below 0.01 on the held-out images; mean over depths and "
-        f"layers): sigmoid {over_depths('saturated', 'sigmoid')}, tanh {over_depths('saturated', 'tanh')}. "
-        f"Activation sparsity (outputs exactly 0): relu {over_depths('sparsity', 'relu')}, leaky_relu "
-        f"{over_depths('sparsity', 'leaky_relu')}, tanh {over_depths('sparsity', 'tanh')}.",
-        "",
-        "Comparisons:",
-        "",
-        *judge(
-            [
-                Claim(f"test accuracy, {deep} hidden layers", deep_acc, "sigmoid", "relu"),
-                Claim(f"log10 of first/last gradient at start, {deep} hidden layers", log_ratio, "sigmoid", "relu", 2),
-                Claim(f"test accuracy, {deep} hidden layers", deep_acc, "sigmoid", "sigmoid + BN"),
-            ]
-        ),
-        "",
-        image,
-        "",
-        *table,
-    ]
+        deep = DEPTHS[-1]
+        log_ratio = {
+            label(a, bn): per_seed(arms[a, bn, deep], lambda r: math.log10(ratio_start(r))) for a, bn in columns
+        }
+        deep_acc = {label(a, bn): per_seed(arms[a, bn, deep], test_acc) for a, bn in columns}
+        return [
+            "## 1. Vanishing gradients",
+            "",
+            f"Width {s['width']}, no batch norm, no dropout, no L2, Adam at lr 1e-3, "
+            f"{arms['sigmoid', False, deep][first].steps} steps each; the gradient norm of every Linear weight at the "
+            "first step (start) and the last measured step (end). Ratios of gradient norms are geometric means with "
+            "their 95% interval (computed on log10).",
+            "",
+            f"- At initialization, sigmoid's first-layer gradient {verdict(False)}.",
+            f"- With batch norm on every hidden layer, sigmoid's first-layer gradient {verdict(True)}.",
+            f"- Test accuracy at {deep} hidden layers: "
+            + "; ".join(f"{arm} {ci(values)}" for arm, values in deep_acc.items())
+            + ".",
+            f"- Saturated units at the end (mean derivative below 0.01 on the held-out images; mean over depths and "
+            f"layers): sigmoid {over_depths('saturated', 'sigmoid')}, tanh {over_depths('saturated', 'tanh')}. "
+            f"Activation sparsity (outputs exactly 0): relu {over_depths('sparsity', 'relu')}, leaky_relu "
+            f"{over_depths('sparsity', 'leaky_relu')}, tanh {over_depths('sparsity', 'tanh')}.",
+            "",
+            "Comparisons:",
+            "",
+            *judge(
+                [
+                    Claim(f"test accuracy, {deep} hidden layers", deep_acc, "sigmoid", "relu"),
+                    Claim(
+                        f"log10 of first/last gradient at start, {deep} hidden layers", log_ratio, "sigmoid", "relu", 2
+                    ),
+                    Claim(f"test accuracy, {deep} hidden layers", deep_acc, "sigmoid", "sigmoid + BN"),
+                ]
+            ),
+            "",
+            image,
+            "",
+            *table,
+        ]
+
+    return report
 
 
 # ---- 2. dying ReLU ----------------------------------------------------------------------------------------------
 
 
-def dying(study: Study, s: dict) -> list[str]:
+def dying(study: Study, s: dict) -> Report:
     images, epochs = s["dying"]
     # Validation (and so the dead-unit count) four times an epoch gives the curve its shape.
     every = max(1, images // 128 // 4)
@@ -378,72 +410,77 @@ def dying(study: Study, s: dict) -> list[str]:
         for act in ("relu", "leaky_relu")
         for lr in lrs.values()
     }
-    first = study.seeds[0]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    for (act, lr), arm in arms.items():
-        style = "-" if act == "relu" else "--"
-        for ax, kind in zip(axes, ("dead", "inactive"), strict=True):
-            steps, values = zip(*arm[first].mean_over_layers(f"units/{kind}"), strict=True)
-            ax.plot(steps, values, style, marker="o", ms=3, label=f"{act}, lr {lr:g}")
-    axes[0].set(title=f"dead: output 0 on every held-out image (seed {first})", xlabel="step")
-    axes[0].set(ylabel="fraction of hidden units")
-    axes[1].set(title="inactive: pre-activation <= 0 on every one", xlabel="step")
-    axes[1].legend(fontsize=8)
-    image = study.figure(fig, "dying_relu.png")
 
-    def at_end(kind: str, layer: int | None = None) -> Callable[[Run], float]:
-        """Fraction of units of one kind at the last count: in one layer, or the mean over layers."""
-        if layer is None:
-            return lambda run: run.mean_over_layers(f"units/{kind}")[-1][1]
-        return lambda run: run.layer_series(f"units/{kind}")[layer][-1][1]
+    def report() -> list[str]:
+        first = study.seeds[0]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+        for (act, lr), arm in arms.items():
+            style = "-" if act == "relu" else "--"
+            for ax, kind in zip(axes, ("dead", "inactive"), strict=True):
+                steps, values = zip(*arm[first].mean_over_layers(f"units/{kind}"), strict=True)
+                ax.plot(steps, values, style, marker="o", ms=3, label=f"{act}, lr {lr:g}")
+        axes[0].set(title=f"dead: output 0 on every held-out image (seed {first})", xlabel="step")
+        axes[0].set(ylabel="fraction of hidden units")
+        axes[1].set(title="inactive: pre-activation <= 0 on every one", xlabel="step")
+        axes[1].legend(fontsize=8)
+        image = study.figure(fig, "dying_relu.png")
 
-    layers = range(len(arms["relu", lrs["normal"]][first].layer_series("units/dead")))
-    table = [
-        "| activation | learning rate | dead units, layer 1 / 2 | inactive units, layer 1 / 2 | test accuracy |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for (act, lr), arm in arms.items():
-        dead = " / ".join(ci(per_seed(arm, at_end("dead", i))) for i in layers)
-        inactive = " / ".join(ci(per_seed(arm, at_end("inactive", i))) for i in layers)
-        table.append(f"| {act} | {lr:g} | {dead} | {inactive} | {ci(per_seed(arm, test_acc))} |")
+        def at_end(kind: str, layer: int | None = None) -> Callable[[Run], float]:
+            """Fraction of units of one kind at the last count: in one layer, or the mean over layers."""
+            if layer is None:
+                return lambda run: run.mean_over_layers(f"units/{kind}")[-1][1]
+            return lambda run: run.layer_series(f"units/{kind}")[layer][-1][1]
 
-    high, normal = lrs["too high"], lrs["normal"]
-    dead = {k: per_seed(arm, at_end("dead")) for k, arm in arms.items()}
-    acc = {k: per_seed(arm, test_acc) for k, arm in arms.items()}
-    acts = ("relu", "leaky_relu")
-    return [
-        "## 2. Dying ReLU",
-        "",
-        f"The seed's net (hidden {arms['relu', normal][first].model.hparams.hidden}, dropout 0.2) without batch norm, "
-        f"{arms['relu', normal][first].steps} steps, Adam at a normal and a too-high learning rate. Units are counted "
-        "on the first 1,000 validation images at every validation; fractions are means over the hidden layers.",
-        "",
-        f"- ReLU at lr {high:g} ends with a fraction {ci(dead['relu', high])} of its hidden units dead (at lr "
-        f"{normal:g}: {ci(dead['relu', normal])}); test accuracy {ci(acc['relu', high])} against "
-        f"{ci(acc['relu', normal])}.",
-        f"- Leaky ReLU cannot die (its output is never exactly 0; dead fraction {ci(dead['leaky_relu', high])}): at lr "
-        f"{high:g}, a fraction {ci(per_seed(arms['leaky_relu', high], at_end('inactive')))} of its units are negative "
-        f"on every image yet still pass a 0.01 gradient; test accuracy {ci(acc['leaky_relu', high])}.",
-        "",
-        "Comparisons:",
-        "",
-        *judge(
-            [
-                Claim(f"dead fraction at lr {high:g}", {a: dead[a, high] for a in acts}, "leaky_relu", "relu"),
-                Claim(
-                    "relu's dead fraction",
-                    {f"lr {lr:g}": dead["relu", lr] for lr in lrs.values()},
-                    f"lr {normal:g}",
-                    f"lr {high:g}",
-                ),
-                Claim(f"test accuracy at lr {high:g}", {a: acc[a, high] for a in acts}, "relu", "leaky_relu"),
-            ]
-        ),
-        "",
-        image,
-        "",
-        *table,
-    ]
+        layers = range(len(arms["relu", lrs["normal"]][first].layer_series("units/dead")))
+        table = [
+            "| activation | learning rate | dead units, layer 1 / 2 | inactive units, layer 1 / 2 | test accuracy |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for (act, lr), arm in arms.items():
+            dead = " / ".join(ci(per_seed(arm, at_end("dead", i))) for i in layers)
+            inactive = " / ".join(ci(per_seed(arm, at_end("inactive", i))) for i in layers)
+            table.append(f"| {act} | {lr:g} | {dead} | {inactive} | {ci(per_seed(arm, test_acc))} |")
+
+        high, normal = lrs["too high"], lrs["normal"]
+        dead = {k: per_seed(arm, at_end("dead")) for k, arm in arms.items()}
+        acc = {k: per_seed(arm, test_acc) for k, arm in arms.items()}
+        acts = ("relu", "leaky_relu")
+        return [
+            "## 2. Dying ReLU",
+            "",
+            f"The seed's net (hidden {arms['relu', normal][first].cfg.model.hidden}, dropout 0.2) without batch "
+            f"norm, {arms['relu', normal][first].steps} steps, Adam at a normal and a too-high learning rate. Units "
+            "are counted on the first 1,000 validation images at every validation; fractions are means over the "
+            "hidden layers.",
+            "",
+            f"- ReLU at lr {high:g} ends with a fraction {ci(dead['relu', high])} of its hidden units dead (at lr "
+            f"{normal:g}: {ci(dead['relu', normal])}); test accuracy {ci(acc['relu', high])} against "
+            f"{ci(acc['relu', normal])}.",
+            f"- Leaky ReLU cannot die (its output is never exactly 0; dead fraction {ci(dead['leaky_relu', high])}): "
+            f"at lr {high:g}, a fraction {ci(per_seed(arms['leaky_relu', high], at_end('inactive')))} of its units are "
+            f"negative on every image yet still pass a 0.01 gradient; test accuracy {ci(acc['leaky_relu', high])}.",
+            "",
+            "Comparisons:",
+            "",
+            *judge(
+                [
+                    Claim(f"dead fraction at lr {high:g}", {a: dead[a, high] for a in acts}, "leaky_relu", "relu"),
+                    Claim(
+                        "relu's dead fraction",
+                        {f"lr {lr:g}": dead["relu", lr] for lr in lrs.values()},
+                        f"lr {normal:g}",
+                        f"lr {high:g}",
+                    ),
+                    Claim(f"test accuracy at lr {high:g}", {a: acc[a, high] for a in acts}, "relu", "leaky_relu"),
+                ]
+            ),
+            "",
+            image,
+            "",
+            *table,
+        ]
+
+    return report
 
 
 # ---- 3. Q1: input normalization ---------------------------------------------------------------------------------
@@ -457,42 +494,47 @@ def loss_curves(ax: plt.Axes, runs: dict[str, Run]) -> None:
     ax.legend(fontsize=8)
 
 
-def normalization(study: Study, s: dict) -> list[str]:
+def normalization(study: Study, s: dict) -> Report:
     common = steps_overrides(*s["data"])
     arms = {
         how: study.arm(f"normalize_{how}", [*common, f"data.normalize={how}"], SEED_RUN if how == "scale" else LEAN)
         for how in NORMALIZATIONS
     }
-    first = study.seeds[0]
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    loss_curves(ax, {f"normalize={h}": arm[first] for h, arm in arms.items()})
-    ax.set_title(f"seed {first}")
-    image = study.figure(fig, "normalization.png")
-    table = ["| data.normalize | final training loss | test loss | test accuracy |", "| --- | --- | --- | --- |"]
-    for how, arm in arms.items():
-        train_loss = ci(per_seed(arm, lambda r: r.last("train/loss")))
-        test_loss = ci(per_seed(arm, lambda r: r.test["test/loss"]))
-        table.append(f"| {how} | {train_loss} | {test_loss} | {ci(per_seed(arm, test_acc))} |")
-    acc = {how: per_seed(arm, test_acc) for how, arm in arms.items()}
-    best = max(acc, key=lambda h: interval(list(acc[h].values())).mean)
-    figures = f"runs/normalize_scale_seed{first}/figures"
-    return [
-        "## 3. Q1: input normalization",
-        "",
-        f"The seed's net and optimizer, {arms['scale'][first].steps} steps; pixels as bytes (none), /255 (scale, the "
-        f"seed) or standardized. Highest mean test accuracy: **{best}** ({ci(acc[best])}); each other one against it:",
-        "",
-        *judge([Claim("test accuracy", acc, best, how) for how in NORMALIZATIONS if how != best]),
-        "",
-        image,
-        "",
-        *table,
-        "",
-        f"The seed run's own figures (seed {first}; TensorBoard's Images tab shows the same):",
-        "",
-        f"![training digits]({figures}/train_digits.png) ![confusion matrix]({figures}/confusion_matrix.png) "
-        f"![confident mistakes]({figures}/confident_mistakes.png)",
-    ]
+
+    def report() -> list[str]:
+        first = study.seeds[0]
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        loss_curves(ax, {f"normalize={h}": arm[first] for h, arm in arms.items()})
+        ax.set_title(f"seed {first}")
+        image = study.figure(fig, "normalization.png")
+        table = ["| data.normalize | final training loss | test loss | test accuracy |", "| --- | --- | --- | --- |"]
+        for how, arm in arms.items():
+            train_loss = ci(per_seed(arm, lambda r: r.last("train/loss")))
+            test_loss = ci(per_seed(arm, lambda r: r.test["test/loss"]))
+            table.append(f"| {how} | {train_loss} | {test_loss} | {ci(per_seed(arm, test_acc))} |")
+        acc = {how: per_seed(arm, test_acc) for how, arm in arms.items()}
+        best = max(acc, key=lambda h: interval(list(acc[h].values())).mean)
+        figures = f"runs/normalize_scale_seed{first}/figures"
+        return [
+            "## 3. Q1: input normalization",
+            "",
+            f"The seed's net and optimizer, {arms['scale'][first].steps} steps; pixels as bytes (none), /255 (scale, "
+            f"the seed) or standardized. Highest mean test accuracy: **{best}** ({ci(acc[best])}); each other one "
+            "against it:",
+            "",
+            *judge([Claim("test accuracy", acc, best, how) for how in NORMALIZATIONS if how != best]),
+            "",
+            image,
+            "",
+            *table,
+            "",
+            f"The seed run's own figures (seed {first}; TensorBoard's Images tab shows the same):",
+            "",
+            f"![training digits]({figures}/train_digits.png) ![confusion matrix]({figures}/confusion_matrix.png) "
+            f"![confident mistakes]({figures}/confident_mistakes.png)",
+        ]
+
+    return report
 
 
 # ---- 4. Q2: label encoding, 5. the output rule ------------------------------------------------------------------
@@ -500,8 +542,10 @@ def normalization(study: Study, s: dict) -> list[str]:
 
 @torch.no_grad()
 def test_outputs(run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits, softmax probabilities from predict_step, class indices) over the test set."""
+    """(logits, softmax probabilities from predict_step, class indices) over the test set, of the run's net as
+    training left it (its last.ckpt)."""
     run.model.eval()
+    run.datamodule.setup("test")  # the data once for all the runs that share it
     logits, probs, targets = [], [], []
     for i, (x, y) in enumerate(run.datamodule.test_dataloader()):
         logits.append(run.model(x))
@@ -522,98 +566,118 @@ def confidence(run: Run) -> dict[str, float]:
     }
 
 
-def encoding(study: Study, s: dict) -> list[str]:
+def encoding(study: Study, s: dict) -> Report:
     common = steps_overrides(*s["data"])
     onehot = study.arms["normalize_scale"]  # the seed's data settings: scale + one-hot
-    index = study.arm("labels_index", [*common, "data.labels=index"])
-    smooth = study.arm("labels_onehot_smoothing0.1", [*common, "model.label_smoothing=0.1"])
+    index = study.arm("labels_index", [*common, "data.labels=index"], TESTED)
+    smooth = study.arm("labels_onehot_smoothing0.1", [*common, "model.label_smoothing=0.1"], TESTED)
     arms = {"one-hot": onehot, "class indices": index, "one-hot + smoothing 0.1": smooth}
 
-    same_logits_gap, curve_gap = 0.0, 0.0
-    for seed in study.seeds:
-        logits, _, targets = test_outputs(onehot[seed])
-        by_onehot = F.cross_entropy(logits, F.one_hot(targets, 10).float(), reduction="none")
-        by_index = F.cross_entropy(logits, targets, reduction="none")
-        same_logits_gap = max(same_logits_gap, (by_onehot - by_index).abs().max().item())
-        a, b = (dict(r[seed].series["train/loss_step"]) for r in (onehot, index))
-        curve_gap = max(curve_gap, *(abs(a[k] - b[k]) for k in a))
+    def report() -> list[str]:
+        same_logits_gap, curve_gap = 0.0, 0.0
+        for seed in study.seeds:
+            logits, _, targets = test_outputs(onehot[seed])
+            by_onehot = F.cross_entropy(logits, F.one_hot(targets, 10).float(), reduction="none")
+            by_index = F.cross_entropy(logits, targets, reduction="none")
+            same_logits_gap = max(same_logits_gap, (by_onehot - by_index).abs().max().item())
+            a, b = (dict(r[seed].series["train/loss_step"]) for r in (onehot, index))
+            curve_gap = max(curve_gap, *(abs(a[k] - b[k]) for k in a))
 
-    first = study.seeds[0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    loss_curves(axes[0], {label: arm[first] for label, arm in arms.items()})
-    a, b = (dict(arm[first].series["train/loss_step"]) for arm in (onehot, index))
-    steps = sorted(a)
-    axes[1].semilogy(steps, [max(abs(a[k] - b[k]), 1e-12) for k in steps], "o", ms=4)
-    axes[1].set(xlabel="step", ylabel="|loss one-hot - loss indices| (floor 1e-12)")
-    axes[1].set_title(f"one-hot vs class indices (seed {first})")
-    image = study.figure(fig, "encoding.png")
+        first = study.seeds[0]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        loss_curves(axes[0], {label: arm[first] for label, arm in arms.items()})
+        a, b = (dict(arm[first].series["train/loss_step"]) for arm in (onehot, index))
+        steps = sorted(a)
+        axes[1].semilogy(steps, [max(abs(a[k] - b[k]), 1e-12) for k in steps], "o", ms=4)
+        axes[1].set(xlabel="step", ylabel="|loss one-hot - loss indices| (floor 1e-12)")
+        axes[1].set_title(f"one-hot vs class indices (seed {first})")
+        image = study.figure(fig, "encoding.png")
 
-    measured = {label: {seed: confidence(run) for seed, run in arm.items()} for label, arm in arms.items()}
+        measured = {label: {seed: confidence(run) for seed, run in arm.items()} for label, arm in arms.items()}
 
-    def measure(key: str) -> dict[str, dict[int, float]]:
-        return {label: {seed: m[key] for seed, m in by_seed.items()} for label, by_seed in measured.items()}
+        def measure(key: str) -> dict[str, dict[int, float]]:
+            return {label: {seed: m[key] for seed, m in by_seed.items()} for label, by_seed in measured.items()}
 
-    table = [
-        "| targets | test accuracy | test cross-entropy (no smoothing) | mean top probability | ... on mistakes |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    acc = {label: per_seed(arm, test_acc) for label, arm in arms.items()}
-    loss, top, top_wrong = measure("loss"), measure("top"), measure("top on mistakes")
-    for label in arms:
-        table.append(f"| {label} | {ci(acc[label])} | {ci(loss[label])} | {ci(top[label])} | {ci(top_wrong[label])} |")
-    return [
-        "## 4. Q2: one-hot labels vs class indices",
-        "",
-        f"Same net, seeds and data order, {onehot[first].steps} steps, targets one-hot (the seed) or as class indices.",
-        "",
-        f"- On the same logits (each one-hot run's, all 10,000 test images) the two losses differ by at most "
-        f"{same_logits_gap:.2g} per example.",
-        f"- Trained side by side, seed for seed, the logged training losses differ by at most {curve_gap:.2g}.",
-        "- What one-hot (probability) targets make possible: label smoothing, i.e. targets of 0.91 / 0.01 instead of "
-        "1 / 0; the last comparison asks whether it changes how sure the net is.",
-        "",
-        "Comparisons:",
-        "",
-        *judge(
-            [
-                Claim("test accuracy", acc, "one-hot", "class indices"),
-                Claim("test cross-entropy", loss, "one-hot", "class indices"),
-                Claim("mean top probability", top, "one-hot", "one-hot + smoothing 0.1"),
-            ]
-        ),
-        "",
-        image,
-        "",
-        *table,
-    ]
+        table = [
+            "| targets | test accuracy | test cross-entropy (no smoothing) | mean top probability | ... on mistakes |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        acc = {label: per_seed(arm, test_acc) for label, arm in arms.items()}
+        loss, top, top_wrong = measure("loss"), measure("top"), measure("top on mistakes")
+        for label in arms:
+            table.append(
+                f"| {label} | {ci(acc[label])} | {ci(loss[label])} | {ci(top[label])} | {ci(top_wrong[label])} |"
+            )
+        return [
+            "## 4. Q2: one-hot labels vs class indices",
+            "",
+            f"Same net, seeds and data order, {onehot[first].steps} steps, targets one-hot (the seed) or as class "
+            "indices.",
+            "",
+            f"- On the same logits (each one-hot run's, all 10,000 test images) the two losses differ by at most "
+            f"{same_logits_gap:.2g} per example.",
+            f"- Trained side by side, seed for seed, the logged training losses differ by at most {curve_gap:.2g}.",
+            "- What one-hot (probability) targets make possible: label smoothing, i.e. targets of 0.91 / 0.01 instead "
+            "of 1 / 0; the last comparison asks whether it changes how sure the net is.",
+            "",
+            "Comparisons:",
+            "",
+            *judge(
+                [
+                    Claim("test accuracy", acc, "one-hot", "class indices"),
+                    Claim("test cross-entropy", loss, "one-hot", "class indices"),
+                    Claim("mean top probability", top, "one-hot", "one-hot + smoothing 0.1"),
+                ]
+            ),
+            "",
+            image,
+            "",
+            *table,
+        ]
+
+    return report
 
 
-def output_rule(study: Study) -> list[str]:
+def output_rule(study: Study, s: dict) -> Report:
     arm = study.arms["normalize_scale"]
-    sum_gap, low, high, agrees, acc = 0.0, 1.0, 0.0, 1.0, {}
-    for seed, run in arm.items():
-        logits, probs, targets = test_outputs(run)
-        sum_gap = max(sum_gap, (probs.sum(1) - 1).abs().max().item())
-        low, high = min(low, probs.min().item()), max(high, probs.max().item())
-        agrees = min(agrees, (probs.argmax(1) == logits.argmax(1)).float().mean().item())
-        acc[seed] = (probs.argmax(1) == targets).float().mean().item()
-    return [
-        "## 5. The output activation rule",
-        "",
-        f"Softmax probabilities (`Classifier.predict_step`) of the seed's arm on all {len(probs):,} test images, "
-        f"over its {len(arm)} seeds (extremes over all of them; accuracies as mean [95% interval]):",
-        "",
-        "```",
-        f"max |sum of a row - 1|                 {sum_gap:.2e}",
-        f"min / max probability                  {low:.2e} / {high:.6f}",
-        f"argmax(probabilities) == argmax(logits) {agrees:.2%} of rows, every seed",
-        f"accuracy from argmax(probabilities)    {ci(acc)}",
-        f"test/acc logged by the runs            {ci(per_seed(arm, test_acc))}",
-        "```",
-    ]
+
+    def report() -> list[str]:
+        sum_gap, low, high, agrees, acc = 0.0, 1.0, 0.0, 1.0, {}
+        for seed, run in arm.items():
+            logits, probs, targets = test_outputs(run)
+            sum_gap = max(sum_gap, (probs.sum(1) - 1).abs().max().item())
+            low, high = min(low, probs.min().item()), max(high, probs.max().item())
+            agrees = min(agrees, (probs.argmax(1) == logits.argmax(1)).float().mean().item())
+            acc[seed] = (probs.argmax(1) == targets).float().mean().item()
+        return [
+            "## 5. The output activation rule",
+            "",
+            f"Softmax probabilities (`Classifier.predict_step`) of the seed's arm on all {len(probs):,} test images, "
+            f"over its {len(arm)} seeds (extremes over all of them; accuracies as mean [95% interval]):",
+            "",
+            "```",
+            f"max |sum of a row - 1|                 {sum_gap:.2e}",
+            f"min / max probability                  {low:.2e} / {high:.6f}",
+            f"argmax(probabilities) == argmax(logits) {agrees:.2%} of rows, every seed",
+            f"accuracy from argmax(probabilities)    {ci(acc)}",
+            f"test/acc logged by the runs            {ci(per_seed(arm, test_acc))}",
+            "```",
+        ]
+
+    return report
 
 
-def main(argv: list[str] | None = None) -> Path:
+# The report's sections, in order: each plans its arms and returns what writes its text once they trained.
+SECTIONS: list[tuple[str, Callable[[Study, dict], Report]]] = [
+    ("vanishing gradients", vanishing),
+    ("dying ReLU", dying),
+    ("Q1 normalization", normalization),
+    ("Q2 encoding", encoding),
+    ("output rule", output_rule),
+]
+
+
+def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps per run: checks the pipeline, not the claims")
     parser.add_argument("--seeds", type=int, help="runs per arm, seeds 0 to N-1 (default 3; 2 with --quick)")
@@ -626,6 +690,9 @@ def main(argv: list[str] | None = None) -> Path:
     if seeds < 2:
         parser.error(f"--seeds must be at least 2, got {seeds}: an interval and a test need two runs per arm")
     out = args.out or Path("runs/study") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    if (out / "runs").is_dir() and any((out / "runs").iterdir()):
+        # A run trained again into its folder adds its events to the earlier run's: the report would read both.
+        parser.error(f"{out / 'runs'} holds an earlier study's runs; give another --out, or remove them first")
     out.mkdir(parents=True, exist_ok=True)
     quiet_lightning()  # the warnings and hints a run filters (srun, deprecations), here too
     for name in ("lightning.pytorch", "lightning.fabric"):  # and each fit's device notices, 72 times over
@@ -635,17 +702,19 @@ def main(argv: list[str] | None = None) -> Path:
     study = Study(out, s["overrides"], list(range(seeds)))
 
     started = time.perf_counter()
+    # Every section names its arms first; all of them train together, then each section writes its part.
+    reports = [(title, section(study, s)) for title, section in SECTIONS]
+    study.train()
+    trained = time.perf_counter() - started
+    if study.failed:
+        for name, err in study.failed.items():
+            print(f"error: {name} failed: {err}; its folder: {out / 'runs' / name}", file=sys.stderr)
+        print(f"error: no report: every arm carries a claim, and {len(study.failed)} runs failed", file=sys.stderr)
+        return None
     sections, timings = [], []
-    for title, make in (
-        ("vanishing gradients", lambda: vanishing(study, s)),
-        ("dying ReLU", lambda: dying(study, s)),
-        ("Q1 normalization", lambda: normalization(study, s)),
-        ("Q2 encoding", lambda: encoding(study, s)),
-        ("output rule", lambda: output_rule(study)),
-    ):
-        print(f"{title}:", flush=True)
+    for title, report in reports:
         t = time.perf_counter()
-        sections.append("\n".join(make()))
+        sections.append("\n".join(report()))
         timings.append(f"{title} {time.perf_counter() - t:.0f} s")
     total = time.perf_counter() - started
 
@@ -662,11 +731,15 @@ def main(argv: list[str] | None = None) -> Path:
         "# What the seed claims, measured" + (" (quick mode: too few steps to judge the claims)" if args.quick else ""),
         "",
         f"Regenerate: `{command}` ({datetime.now():%Y-%m-%d %H:%M}, {len(study.arms)} arms x {seeds} seeds = {runs} "
-        f"runs in {total / 60:.1f} min on {cpu}: {', '.join(timings)}). Every number below comes from these runs; "
-        f"their TensorBoard events, one folder per run (`<arm>_seed<s>`): `{tensorboard}`.",
+        f"runs in {total / 60:.1f} min on {cpu}: trained packed, {len(study.packs)} packs of "
+        f"{', '.join(map(str, study.packs))} runs, in {trained:.0f} s; then the sections' figures and test passes, "
+        f"{', '.join(timings)}). Every number below comes from these runs; each has its folder (`<arm>_seed<s>`) "
+        f"with its metrics.json and TensorBoard events: `{tensorboard}`.",
         "",
         f"Each arm (a configuration) runs seeds {', '.join(map(str, study.seeds))}; the seed sets init, batch order "
-        "and dropout. Numbers are the mean [95% t interval] over seeds. Comparisons give the difference with its 95% "
+        "and dropout. Runs that share a net shape and data settings trained as one pack, as `+launcher=packed` "
+        "trains a sweep's jobs (fcexp.train.train_pack), each exactly as it would alone; a run's time is its share "
+        "of its pack's. Numbers are the mean [95% t interval] over seeds. Comparisons give the difference with its 95% "
         "interval and a paired t test over seeds (the seed fixes the batch order both arms see), p values "
         "Holm-adjusted within a section; 'not significant' means these seeds cannot tell the two apart, not that "
         "they are equal. "

@@ -1,6 +1,7 @@
-"""The study's real command in quick mode: a report with every section, its figures, intervals over seeds, a verdict
-for every comparison, and where it came from."""
+"""The study's real command in quick mode: runs trained packed, then a report with every section, its figures,
+intervals over seeds, a verdict for every comparison, and where it came from."""
 
+import json
 import os
 import re
 import shlex
@@ -68,9 +69,15 @@ def test_quick_study_writes_a_report_with_every_section(mnist_root, tmp_path):
     # Its TensorBoard command names the study's own runs folder, with a program the user's shell finds.
     tensorboard = shlex.split(re.search(r"`([^`]*tensorboard --logdir [^`]*)`", report)[1])
     assert shutil.which(tensorboard[0]) and tensorboard[1:] == ["--logdir", str(out / "runs")]
-    # Every arm ran once per seed, each run under its own TensorBoard name.
-    runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert len(runs) == 24 * 2 and all(name.endswith(("_seed0", "_seed1")) for name in runs)
+    # Every arm ran once per seed, each run in its own folder, trained packed as a packed sweep trains its jobs: its
+    # metrics.json names the pack it shared. A run's share of a pack is 1/members, so the shares add up to the packs.
+    records = {p.name: json.loads((p / "metrics.json").read_text()) for p in (out / "runs").iterdir()}
+    assert len(records) == 24 * 2 and all(name.endswith(("_seed0", "_seed1")) for name in records)
+    assert all(r["status"] == "completed" and r["pack"]["members"] > 1 for r in records.values())
+    packs = int(re.search(r"trained packed, (\d+) packs", header)[1])
+    assert packs < len(records) and packs == round(sum(1 / r["pack"]["members"] for r in records.values()))
+    # The report tested the nets it reads again from their own last.ckpt, as a solo run would have written it.
+    assert (out / "runs" / "labels_index_seed0" / "checkpoints" / "last.ckpt").is_file()
     # Every figure the report shows is there and decodes, the seed run's own included.
     images = [line.split("](", 1)[1].split(")", 1)[0] for line in report.splitlines() if line.startswith("![")]
     images += ["runs/normalize_scale_seed0/figures/confusion_matrix.png"]
