@@ -224,15 +224,18 @@ class Classifier(L.LightningModule):
     def on_after_backward(self) -> None:
         if self.l2_layers and not self.l2_in_loss():
             # Lightning divides each micro-batch's loss by the accumulation: so is the penalty's gradient.
-            share = 2 / self.trainer.accumulate_grad_batches
-            with torch.no_grad():
-                for k in self.l2_layers:
-                    w = self.net.weights[k]
-                    w.grad.addcmul_(w, self.l2[:, k].view(-1, 1, 1), value=share)
+            self.add_l2_gradients(2 / self.trainer.accumulate_grad_batches)
         if not self.all_alive:  # a member out of the pack: its gradients (NaN through its loss) become zeros
             for p in self.parameters():
                 if p.grad is not None:
                     p.grad = torch.where(self.alive.view(-1, *[1] * (p.dim() - 1)), p.grad, 0)
+
+    def add_l2_gradients(self, share: float = 2.0) -> None:
+        """Add share·λ·w to each L2-penalized weight's gradient: with the default 2, the gradient of λ‖w‖²."""
+        with torch.no_grad():
+            for k in self.l2_layers:
+                w = self.net.weights[k]
+                w.grad.addcmul_(w, self.l2[:, k].view(-1, 1, 1), value=share)
 
     def check_finite(self) -> None:
         """Take out of the pack every member whose loss stopped being finite; when none is left, stop the run."""
