@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# fcexp on a CUDA machine, checked in one go (about 6 minutes on one GPU; it stops at the first failure):
+# fcexp on a CUDA machine, checked in one go (about 10 minutes on one GPU, my estimate; it stops at the first failure):
 #   bash scripts/gpu_check.sh [output folder, default runs/gpu_check/<time>; it must not exist yet]
 # 1. the default run on CUDA, then with bf16-mixed, then with model.compile=true (wall time of each);
 # 2. the benchmark on CUDA (scripts/bench.py, JSON kept);
 # 3. the sync check: training steps between logging steps with torch.cuda.set_sync_debug_mode("error");
-# 4. a 2-job +launcher=parallel sweep, and the GPU each job trained on.
+# 4. a 2-job +launcher=parallel sweep, and the GPU each job trained on;
+# 5. the benchmark with the 16-job grid at 1 epoch four ways (one after another, parallel, packed fp32 and bf16),
+#    so the pack's gain on a GPU is measured in the same run (in bench.json's "grid16").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)}
@@ -32,7 +34,7 @@ timed() {  # name, then the command: its wall time goes to $OUT/times.tsv
 timed default "$PY" -m fcexp.train runs_dir="$OUT/default" "${QUIET[@]}"
 timed bf16 "$PY" -m fcexp.train runs_dir="$OUT/bf16" trainer.precision=bf16-mixed "${QUIET[@]}"
 timed compile "$PY" -m fcexp.train runs_dir="$OUT/compile" model.compile=true "${QUIET[@]}"
-timed bench "$PY" scripts/bench.py --json "$OUT/bench.json"
+timed bench "$PY" scripts/bench.py --grid16 --json "$OUT/bench.json"
 timed sync_check "$PY" -m pytest -q -p no:cacheprovider tests/test_train.py -k reads_nothing
 timed parallel "$PY" -m fcexp.train -m +launcher=parallel seed=0,1 trainer.max_epochs=1 \
     hydra.sweep.dir="$OUT/parallel" "${QUIET[@]}"
