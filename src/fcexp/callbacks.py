@@ -374,21 +374,34 @@ class Figures(L.Callback):
 
 
 def digit_grid(images: torch.Tensor, titles: list[str], suptitle: str):
-    """A square grid of 28x28 digits, each titled; imshow rescales, so any input normalization displays alike."""
+    """A square grid of 28x28 digits, each titled, each scaled to its own range (any input normalization displays
+    alike). Drawn as one image with a text per digit: a tenth of the time of one subplot per digit, which a sweep
+    pays for every member."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     side = max(1, int(len(images) ** 0.5 + 0.999))
-    fig, axes = plt.subplots(side, side, figsize=(1.9 * side, 2.1 * side), squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k < len(images):
-            ax.imshow(images[k].reshape(28, 28).numpy(), cmap="gray")
-            ax.set_title(titles[k], fontsize=9)
-    fig.suptitle(suptitle if len(images) else f"{suptitle}: none")
-    fig.tight_layout()
+    pad, top, scale, header = 4, 24, 3, 50  # pixels of the mosaic (pad, title room), its scale, the title's pixels
+    cell_w, cell_h = 28 + pad, 28 + top
+    mosaic = torch.ones(side * cell_h + pad, side * cell_w)
+    x = images.reshape(-1, 28, 28).float()
+    if len(x):
+        lo, hi = x.flatten(1).min(1).values, x.flatten(1).max(1).values
+        x = (x - lo[:, None, None]) / (hi - lo).clamp_min(1e-12)[:, None, None]
+    for k in range(len(x)):
+        r, c = divmod(k, side)
+        mosaic[r * cell_h + top : r * cell_h + top + 28, c * cell_w + pad // 2 : c * cell_w + pad // 2 + 28] = x[k]
+    height, width = mosaic.shape[0] * scale, mosaic.shape[1] * scale
+    fig = plt.figure(figsize=(width / 100, (height + header) / 100))
+    ax = fig.add_axes((0, 0, 1, height / (height + header)))
+    ax.axis("off")
+    ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    for k, title in enumerate(titles):
+        r, c = divmod(k, side)
+        ax.text(c * cell_w + cell_w / 2, r * cell_h + top - 1, title, ha="center", va="bottom", fontsize=9)
+    fig.suptitle(suptitle if len(images) else f"{suptitle}: none", y=1 - 12 / (height + header), va="top")
     return fig
 
 
@@ -411,5 +424,5 @@ def confusion_figure(counts: torch.Tensor):
     accuracy = counts.diag().sum().item() / max(1, counts.sum().item())
     ax.set_title(f"Test confusion matrix (accuracy {accuracy:.4f})")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.09, top=0.93)  # fixed: tight_layout would measure every text
     return fig
