@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Hydra's own: the folder name it gives a job's overrides (a rerun must land in the same folder), and the basic
+# sweeper's class, to tell a grid from a search. Neither has a public equivalent.
 from hydra._internal.config_loader_impl import get_overrides_dirname
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser

@@ -230,7 +230,7 @@ def member_checkpoint(pack: dict[str, Any], module: Classifier, member: Member) 
     checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if k != "members"} | (
         hparams["members"][i] if "members" in hparams else {}
     )
-    if member.datamodule is not None:
+    if member.datamodule is not None:  # what Lightning's own save writes for the datamodule, from the same attribute
         checkpoint["datamodule_hparams_name"] = member.datamodule._hparams_name
         checkpoint["datamodule_hyper_parameters"] = dict(member.datamodule.hparams_initial)
     return checkpoint

@@ -242,6 +242,7 @@ def _schema(cfg: DictConfig) -> DictConfig:
 def _annotation(schema: DictConfig, full_key: str) -> Any:
     """The type the schema gives `full_key` (Any where it names none), read from the dataclasses' annotations."""
     head, *rest = full_key.split(".")
+    # OmegaConf's node of a key, not its value: only the node knows the type it was declared with.
     node = schema._get_node(head) if head in schema else None
     annotation = OmegaConf.get_type(node) if rest and isinstance(node, DictConfig) else Train
     for part in rest or [head]:

@@ -86,7 +86,8 @@ class PackedLauncher(Launcher):
                 job_subdir_key="hydra.sweep.subdir",
             )
             returns.append(ret)
-            # plan_job records a job it cannot plan; should it fail itself, the job counts as failed.
+            # plan_job records a job it cannot plan; should it fail itself, the job counts as failed. The value
+            # itself: JobReturn.return_value would raise the job's error, which this launcher handles per job.
             plans.append(ret._return_value if ret.status == JobStatus.COMPLETED else [math.nan])
         budget = self.memory_gb * 2**30 if self.memory_gb else free_memory() / 2
         scores = train_packs(plans, sweep_dir, self.max_members, budget)
