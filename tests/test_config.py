@@ -94,3 +94,15 @@ def test_every_activation_setting_is_the_torch_layers_own(option):
 def test_gelu_takes_its_approximation_as_a_plain_override():
     layer = make_activation(compose_config("activation=gelu", "activation.approximate=tanh").activation)
     assert layer.approximate == "tanh"
+
+
+def test_checkpoint_settings_that_would_keep_the_wrong_file_are_refused():
+    from fcexp.pack import Checkpoints
+
+    with pytest.raises(ValueError, match=r"mode=max would keep the worst val/loss as best; .*mode=min"):
+        Checkpoints(monitor="val/loss")
+    assert Checkpoints(monitor="val/loss", mode="min").mode == "min"
+    with pytest.raises(ValueError, match=r"callbacks.checkpoint.last must be a file name \(no /\) or null, got ''"):
+        Checkpoints(last="")
+    with pytest.raises(ValueError, match=r"callbacks.checkpoint.best must be a file name"):
+        Checkpoints(best="sub/best")

@@ -234,6 +234,7 @@ def test_ctrl_c_saves_what_resume_needs(tmp_path, mnist_root):
     (command,) = [line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("interrupted; continue")]
     assert command.endswith(f"resume={run_dir}")
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+    step = checkpoint_step(interrupted)
     # The printed command, run as printed from the user's shell, continues from the interrupted step.
     resumed = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, env=CLI_ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -242,7 +243,9 @@ def test_ctrl_c_saves_what_resume_needs(tmp_path, mnist_root):
     # Each epoch ends 200 steps after the last (one interrupted in its validation has no entry: Lightning does not
     # validate it again).
     assert all(h["step"] == 200 * (h["epoch"] + 1) for h in record["history"])
-    assert record["resumes"][0]["from_step"] == checkpoint_step(interrupted) > 0
+    assert record["resumes"][0]["from_step"] == step > 0
+    # Completed, it went past that state: a later resume must not go back to it.
+    assert not interrupted.exists()
 
 
 @pytest.mark.slow

@@ -129,6 +129,15 @@ class Checkpoints(Checkpoint):
             raise ValueError(f"callbacks.checkpoint.mode must be max or min, got {mode!r}")
         if monitor not in ("val/acc", "val/loss"):
             raise ValueError(f"callbacks.checkpoint.monitor must be val/acc or val/loss, got {monitor!r}")
+        if (monitor, mode) in (("val/loss", "max"), ("val/acc", "min")):
+            better = "min" if monitor == "val/loss" else "max"
+            raise ValueError(
+                f"callbacks.checkpoint.mode={mode} would keep the worst {monitor} as best; with "
+                f"monitor={monitor} add callbacks.checkpoint.mode={better}"
+            )
+        for key, name in (("best", best), ("last", last)):
+            if name is not None and (not isinstance(name, str) or not name.strip() or "/" in name):
+                raise ValueError(f"callbacks.checkpoint.{key} must be a file name (no /) or null, got {name!r}")
         try:
             (best or "").format(epoch=0, step=0)
         except (KeyError, IndexError, ValueError) as err:

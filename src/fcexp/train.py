@@ -36,6 +36,8 @@ from fcexp.data import DataError
 from fcexp.module import MEMBER_KNOBS, Classifier
 from fcexp.pack import Member, PackedData, PackRuns, member_bytes, merged_checkpoint, pack_key, pack_sizes
 from fcexp.record import (
+    CHECKPOINTS,
+    INTERRUPTED,
     RECORD,
     AtomicCheckpointIO,
     RecordError,
@@ -269,6 +271,8 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
             continue
         metrics = model.member_metrics[member.index]
         results.append(member.record.finish(metrics))
+        # A completed run went past the state a Ctrl-C once kept: a later resume must not go back to it.
+        (member.run_dir / CHECKPOINTS / INTERRUPTED).unlink(missing_ok=True)
         if trainer.is_global_zero:
             final = {
                 "hp_metric": metrics["val/acc_best"],
@@ -503,7 +507,8 @@ def plan(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path |
         if cfg.skip_finished:
             log.info("skipping %s: finished before (skip_finished=true)", run_dir.name)
             return previous["metrics"]["val/acc_best"]
-        fix = "rerun the sweep with skip_finished=true" if sweep_dir else f"continue it with resume={run_dir}"
+        resume = shlex.quote(f"resume={run_dir}")  # pasted into a shell as printed, whatever the path holds
+        fix = "rerun the sweep with skip_finished=true" if sweep_dir else f"continue it with {resume}"
         raise ValueError(f"{run_dir} holds a completed run; {fix}, or start in a new folder")
     # A sweep rerun (skip_finished) continues its stopped jobs from their checkpoints.
     resume = previous is not None and bool(cfg.skip_finished)
