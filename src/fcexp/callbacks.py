@@ -87,14 +87,14 @@ def histograms(values: torch.Tensor, bins: int) -> torch.Tensor:
     A range of one value is widened by 0.5 either side, as numpy does."""
     flat = values.detach().flatten(1).float()
     members, n = flat.shape
-    lo, hi = flat.min(1).values, flat.max(1).values
-    lo, hi = torch.where(lo == hi, lo - 0.5, lo), torch.where(lo == hi, hi + 0.5, hi)
+    low, high = flat.min(1).values, flat.max(1).values
+    lo, hi = torch.where(low == high, low - 0.5, low), torch.where(low == high, high + 0.5, high)
     width = (hi - lo) / bins
     index = ((flat - lo[:, None]) / width[:, None]).long().clamp_(0, bins - 1)
     index += torch.arange(members, device=flat.device)[:, None] * bins
     counts = torch.bincount(index.flatten(), minlength=members * bins).view(members, bins).float()
     edges = lo[:, None] + width[:, None] * torch.arange(1, bins + 1, device=flat.device)
-    stats = [flat.min(1).values, flat.max(1).values, torch.full_like(lo, n), flat.sum(1), flat.square().sum(1)]
+    stats = [low, high, torch.full_like(lo, n), flat.sum(1), flat.square().sum(1)]
     stats = torch.stack(stats)
     return torch.cat([stats.t(), edges, counts], 1)
 
