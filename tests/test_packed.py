@@ -162,7 +162,7 @@ def test_a_diverging_member_fails_alone(mnist_root, tmp_path, monkeypatch, capsy
     (a pack of another size sums its batched products in another order: equal only within that rounding)."""
     args = ["data.limit_train=5000", "trainer.max_epochs=1", "model.dropout=0", "optimizer=sgd", "callbacks=plain"]
     args += ["trainer.log_every_n_steps=5"]
-    assert run_main([*PACKED, *args, "optimizer.lr=0.05,10000"], tmp_path, monkeypatch) is None
+    assert run_main([*PACKED, *args, "optimizer.lr=0.05,10000"], tmp_path, monkeypatch) == 1  # a job failed
     assert "training a pack of 2" in capsys.readouterr().out
     by_lr = {r["hparams"]["optimizer.lr"]: r for r in records(only_sweep(tmp_path)).values()}
     assert by_lr[10000]["status"] == "failed" and "loss is nan" in by_lr[10000]["error"]
@@ -384,7 +384,7 @@ def test_member_checkpoints_cut_and_merge_back_exactly():
 
 def test_a_refused_value_fails_its_job_and_the_rest_still_pack(mnist_root, tmp_path, monkeypatch, capsys):
     args = ["data.limit_train=1000", "callbacks=plain", "model.hidden=[32]", *SMALL[1:2], *SMALL[3:]]
-    assert run_main([*PACKED, *args, "model.dropout=0,0.2,1.5"], tmp_path, monkeypatch) is None
+    assert run_main([*PACKED, *args, "model.dropout=0,0.2,1.5"], tmp_path, monkeypatch) == 1  # a job failed
     out = capsys.readouterr().out
     assert "training a pack of 2" in out and "one by one" not in out
     by_dropout = {r["hparams"]["model.dropout"]: r for r in records(only_sweep(tmp_path)).values()}

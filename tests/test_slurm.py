@@ -135,7 +135,7 @@ def test_a_pending_job_says_why_it_waits(slurm, tmp_path, monkeypatch):
 def test_a_slurm_sweep_is_a_local_sweep_and_a_diverging_job_fails_alone(slurm, tmp_path, mnist_root):
     overrides = ("optimizer=sgd", "optimizer.lr=0.05,10000", "data.limit_train=3840", "trainer.max_epochs=2")
     done = sweep(slurm, tmp_path, tmp_path / "slurm", *overrides, "hydra.launcher.report_every_s=1")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 1, done.stderr[-3000:]  # one job failed
     output = done.stdout + done.stderr
     assert re.search(r"SLURM: \d running", output)  # the wait reports what the jobs do
     assert "sacct" not in output
@@ -145,7 +145,7 @@ def test_a_slurm_sweep_is_a_local_sweep_and_a_diverging_job_fails_alone(slurm, t
         "fcexp.train", "-m", *overrides, "threads=1", "callbacks.progress.refresh_rate=0",
         f"hydra.sweep.dir={tmp_path / 'local'}", cwd=tmp_path,
     )  # fmt: skip
-    assert local.returncode == 0, local.stderr[-3000:]
+    assert local.returncode == 1, local.stderr[-3000:]
     jobs = sorted(p.name for p in (tmp_path / "local").iterdir() if p.is_dir())
     assert sorted(p.name for p in (tmp_path / "slurm").iterdir() if p.is_dir() and p.name != ".submitit") == jobs
     for job in jobs:

@@ -198,8 +198,13 @@ def test_compare_names_a_folder_without_jobs(tmp_path, capsys):
 @pytest.mark.slow
 def test_parallel_launcher_keeps_going_past_a_failed_job(mnist_root, tmp_path):
     proc = run_cli("fcexp.train", "-m", "+launcher=parallel", *SMALL, "model.dropout=0.2,1.5", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = only_sweep(tmp_path)
+    # The sweep went on past the failure and compared both jobs, then said so in its exit status.
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (
+        proc.stderr.splitlines()[-1]
+        == f"error: 1 of 2 jobs failed; their errors are in {(sweep / 'compare.md').relative_to(tmp_path)}"
+    )
     good, bad = read_csv(sweep)
     assert good["status"] == "completed" and float(good["test_acc"]) > 0.5
     assert bad["status"] == "failed" and "dropout must be in [0, 1), got 1.5" in bad["error"]

@@ -672,11 +672,11 @@ def planned_hparams(config: DictConfig) -> tuple[dict[str, list[Any]], list[str]
     return {k: [] if k in swept else [v] for k, v in params.items()}, swept
 
 
-def report(sweep_dir: Path) -> str:
+def report(sweep_dir: Path, jobs: list[Job] | None = None) -> str:
     """Write the sweep's tables (Markdown, CSV), plots and HParams experiment into its folder; return the text to
-    print."""
+    print. `jobs`: the sweep's, when the caller has loaded them."""
     sweep_dir = Path(sweep_dir)
-    jobs = load_sweep(sweep_dir)
+    jobs = load_sweep(sweep_dir) if jobs is None else jobs
     knobs = swept_knobs(jobs)
     configs = group(jobs, knobs)
     header, rows = table_rows(jobs, knobs)
@@ -734,7 +734,8 @@ def remove_if_unstarted(sweep_dir: Path) -> None:
 
 class CompareAtEnd(Callback):
     """At the start of a multirun: the sweep's HParams experiment, so TensorBoard shows its swept knobs first while
-    it runs. At its end: the comparison of its jobs, and the TensorBoard command that shows them all."""
+    it runs. At its end: the comparison of its jobs, the TensorBoard command that shows them all, and exit status 1
+    when any job failed (the others' results are written by then), so that a script sees it."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if rank_zero_only.rank != 0:
@@ -754,13 +755,22 @@ class CompareAtEnd(Callback):
         if rank_zero_only.rank != 0:  # a DDP trainer's other ranks run the multirun too: rank 0 compares it
             return
         sweep_dir = Path(config.hydra.sweep.dir)
+        jobs: list[Job] = []
         try:
-            print(report(sweep_dir))
+            jobs = load_sweep(sweep_dir)
+            print(report(sweep_dir, jobs))
         except Exception as err:  # the jobs' results are safe on disk; a failed report must not fail the sweep
             log.error(
                 "compare failed (%s); retry with: %s -m fcexp.compare %s", err, shell_program("python"), sweep_dir
             )
         print(f"view it: {shell_program('tensorboard')} --logdir {shlex.quote(str(sweep_dir))}")
+        failed = sum(job.status == "failed" for job in jobs)
+        if failed:
+            # SystemExit passes Hydra's callback guard (it catches Exception); this callback is the last to end.
+            print(
+                f"error: {failed} of {len(jobs)} jobs failed; their errors are in {sweep_dir / TABLE}", file=sys.stderr
+            )
+            sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
