@@ -235,6 +235,18 @@ def test_evaluate_names_a_file_it_cannot_use_in_one_line(finished, tmp_path, mon
     )
 
 
+def test_evaluate_of_a_run_folder_names_the_checkpoint_it_used_and_those_it_skipped(
+    run_copy, tmp_path, monkeypatch, capsys
+):
+    last = run_copy / "checkpoints" / "last.ckpt"
+    truncate(last)
+    assert run_main([f"ckpt_path={run_copy}"], tmp_path, monkeypatch, entry=evaluate.main) is None
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"skipped {last} does not load (truncated, damaged or not a checkpoint)"]
+    (best,) = (run_copy / "checkpoints").glob("best-epoch*.ckpt")
+    assert out.startswith(f"{best}: test loss ")
+
+
 def test_paths_are_taken_as_the_shell_gives_them(mnist_root, tmp_path, monkeypatch, capsys):
     """A sweep member's folder (`=`, `,`) under a folder with a space, unquoted, as tab completion types it, through
     the entry points' command-line handling: the run starts there, evaluate reads its checkpoint, resume continues

@@ -18,8 +18,9 @@ from fcexp.train import quiet_lightning
 USAGE = "usage: python -m fcexp.evaluate ckpt_path=<checkpoint file or run folder> [data_root=<folder>]"
 
 
-def checkpoint_of(ckpt_path: str | Path) -> Path:
-    """The checkpoint to evaluate: the file given, or a run folder's newest checkpoint that loads."""
+def checkpoint_of(ckpt_path: str | Path) -> tuple[Path, list[str]]:
+    """The checkpoint to evaluate: the file given, or a run folder's newest checkpoint that loads; and why each
+    newer one of the folder's was skipped."""
     path = Path(ckpt_path).expanduser()
     if path.is_dir():
         if not (path / RECORD).is_file():
@@ -28,15 +29,14 @@ def checkpoint_of(ckpt_path: str | Path) -> Path:
         if found is None:
             reasons = f": {'; '.join(skipped)}" if skipped else ""
             raise ValueError(f"run {str(path)!r} has no checkpoint that loads in {CHECKPOINTS}/{reasons}")
-        return found
+        return found, skipped
     if not path.is_file():
         raise ValueError(f"ckpt_path {str(path)!r} is not a file; runs keep theirs in <run folder>/checkpoints/")
-    return path
+    return path, []
 
 
-def evaluate(ckpt_path: str | Path, trainer_cfg: DictConfig, data_root: str | None = None) -> dict[str, float]:
-    """Test metrics of a checkpoint; model and data settings (normalization, labels) come from the checkpoint."""
-    path = checkpoint_of(ckpt_path)
+def evaluate(path: Path, trainer_cfg: DictConfig, data_root: str | None = None) -> dict[str, float]:
+    """Test metrics of a checkpoint file; model and data settings (normalization, labels) come from the checkpoint."""
     read_checkpoint(path)  # one line naming the file when it is damaged, foreign or from a newer fcexp
     model = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     overrides = {"root": data_root} if data_root else {}
@@ -59,11 +59,14 @@ def main(cfg: DictConfig) -> None:
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     try:
-        metrics = evaluate(cfg.ckpt_path, cfg.trainer, cfg.data_root)
+        path, skipped = checkpoint_of(cfg.ckpt_path)
+        for reason in skipped:  # a run folder's newer checkpoints that do not load: the user learns which was used
+            print(f"skipped {reason}", file=sys.stderr)
+        metrics = evaluate(path, cfg.trainer, cfg.data_root)
     except (ValueError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"{cfg.ckpt_path}: test loss {metrics['test/loss']:.4f}, test accuracy {metrics['test/acc']:.4f}")
+    print(f"{path}: test loss {metrics['test/loss']:.4f}, test accuracy {metrics['test/acc']:.4f}")
 
 
 def cli() -> None:
