@@ -105,6 +105,7 @@ class EpochLine:
     def __init__(self):
         self.started = 0.0
         self.first_epoch = self.printed = -1
+        self.total: int | None = None  # the run's epochs, where its trainer stops short of them (a race's rung)
 
     def start(self, trainer: L.Trainer) -> None:
         self.started = time.monotonic()
@@ -117,8 +118,9 @@ class EpochLine:
             return None
         self.printed = epoch
         members = getattr(trainer.lightning_module, "members", 1)
+        pack = f" (means of a pack of {members})" if members > 1 else ""
         return (
-            f"epoch {epoch + 1}/{trainer.max_epochs}{f' (means of a pack of {members})' if members > 1 else ''}: "
+            f"epoch {epoch + 1}/{self.total or trainer.max_epochs}{pack}: "
             f"train loss {m.get('train/loss', float('nan')):.4f}, val loss {m['val/loss']:.4f}, "
             f"val acc {m['val/acc']:.4f}, {time.monotonic() - self.started:.1f} s"
         )

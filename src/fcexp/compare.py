@@ -55,12 +55,13 @@ BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"  # its `_ta
 # Finished jobs first, best validation accuracy first among them; then what may still finish; then what never will.
 STATUS_ORDER = {
     "completed": 0,
-    "running": 1,
-    "interrupted": 2,
-    "cancelled": 3,
-    "failed": 4,
-    "unreadable": 5,  # its metrics.json is damaged: what it did is unknown
-    "no record": 6,
+    "stopped": 1,  # by a race (fcexp.race) at a rung: its numbers are that epoch's
+    "running": 2,
+    "interrupted": 3,
+    "cancelled": 4,
+    "failed": 5,
+    "unreadable": 6,  # its metrics.json is damaged: what it did is unknown
+    "no record": 7,
 }
 # Overrides that say how a sweep ran, not what a job trained: left out of the rerun command. Threads are not among
 # the job's settings here, yet their number changes its results (the order of float sums): a rerun gets the number
@@ -76,6 +77,7 @@ SWEEP_ONLY_PRESETS = {
     "hparams_search=optuna",
     "launcher=parallel",
     "launcher=packed",
+    "launcher=race",
     "launcher=slurm",
 }
 # What train.py logs with each job's hparams at its end: the HParams tab's metric columns.
@@ -101,6 +103,7 @@ class Job:
     started: bool = True
     threads: int | None = None  # the CPU threads it trained with
     cwd: str | None = None  # where it was started: the directory its overrides' relative paths are relative to
+    stopped: dict[str, Any] | None = None  # a race's evidence for stopping it (fcexp.race.decide)
 
     @property
     def val_curve(self) -> list[tuple[int, float]]:
@@ -130,7 +133,7 @@ class Job:
 
     @property
     def packed(self) -> bool:
-        return any(o.lstrip("+") == "launcher=packed" for o in self.overrides)
+        return any(o.lstrip("+") in ("launcher=packed", "launcher=race") for o in self.overrides)
 
     def rerun_command(self, *, without: tuple[str, ...] = ()) -> list[str]:
         """The overrides that rerun this job alone (less the keys in `without`), with the threads it trained with."""
@@ -163,10 +166,11 @@ def load_job(folder: Path) -> Job:
             record["history"],
             record["metrics"],
             record.get("wall_time_s"),
-            record.get("error"),
+            record.get("error") or (record.get("stopped") or {}).get("reason"),
             provenance.get("git"),
             threads=threads if isinstance(threads, int) else None,
             cwd=provenance.get("cwd"),
+            stopped=record.get("stopped"),
         )
     job = Job(folder, "no record" if problem is None else "unreadable", error=problem)
     hydra_dir = folder / ".hydra"
@@ -327,6 +331,9 @@ class Config:
 
     @property
     def verdict(self) -> str:
+        if self.val is None:
+            stopped = next((job.stopped for job in self.jobs if job.stopped), None)
+            return f"stopped at epoch {stopped['rung']}" if stopped else "no result"
         if self.diff is None:
             return "best"
         return {None: "-", False: "tied with best", True: "worse"}[self.diff.significant]
@@ -374,7 +381,7 @@ def config_rows(configs: list[Config], knobs: list[str]) -> tuple[list[str], lis
                 else f"{d.delta:+.4f}" + (f" [{d.low:+.4f}, {d.high:+.4f}]" if d.low is not None else ""),
                 d.test if d and d.test else "-",
                 _fmt(d.p_holm if d else None, 3),
-                c.verdict if val else "no result",
+                c.verdict,
             ]
         )
     return header, rows
@@ -391,7 +398,7 @@ def config_csv_rows(configs: list[Config], knobs: list[str]) -> tuple[list[str],
         numbers = [getattr(i, part) if i else None for i in (c.val, c.test) for part in ("mean", "low", "high", "sd")]
         numbers += [d.delta, d.low, d.high] if d else [None] * 3
         row = [rank, *(c.hparams.get(k) for k in keys), c.val.n if c.val else 0, *numbers]
-        row += [d.test if d else None, d.p if d else None, d.p_holm if d else None, c.verdict if c.val else "no result"]
+        row += [d.test if d else None, d.p if d else None, d.p_holm if d else None, c.verdict]
         rows.append(["" if v is None else v for v in row])
     return header, rows
 
@@ -587,10 +594,15 @@ def summary(sweep_dir: Path, jobs: list[Job], configs: list[Config], knobs: list
     and folders are named from it; for compare.md commands run from `start` and folders are named inside the sweep
     folder, so that the file reads the same wherever compare ran."""
     lines = []
+    stopped: dict[str, list[Job]] = {}  # a race stops a configuration's runs together: one line for them
     for job in jobs:
-        if job.error:
+        if job.stopped and job.status == "stopped":
+            stopped.setdefault(job.stopped["configuration"], []).append(job)
+        elif job.error:
             name = job.folder.relative_to(sweep_dir)
             lines.append(f"{job.status}: {name / RECORD if job.status == 'unreadable' else name}: {job.error}")
+    for configuration, runs in stopped.items():
+        lines.append(f"stopped: {configuration} ({len(runs)} run{'s' * (len(runs) != 1)}): {runs[0].error}")
     best = configs[0] if configs and configs[0].val is not None else None
     if best is None:
         return [*lines, "best: none yet (no job has completed)"]

@@ -364,11 +364,14 @@ class RunRecord:
         config: DictConfig | None = None,
         pack: int = 1,
         origin: dict[str, Any] | None = None,
+        race: bool = False,
     ):
         """`config`: what a resume trains with, kept in .hydra/resumed once it trains (the run's first config stays
         in .hydra). `pack`: the members of the pack the run trains in; its wall time is its share of the pack's.
-        `origin`: its provenance, where the pack's members share one (taken once per pack)."""
-        self.config, self.pack = config, pack
+        `origin`: its provenance, where the pack's members share one (taken once per pack). `race`: a race
+        (fcexp.race) continues the run past a rung in a re-formed pack, or stops it there: not a resume of the
+        user's, so it is listed under "race", not "resumes"."""
+        self.config, self.pack, self.race = config, pack, race
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / RECORD
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -385,7 +388,9 @@ class RunRecord:
             "provenance": previous.get("provenance") if previous else dict(origin or provenance()),
             "resumes": previous.get("resumes", []) if previous else [],
         }
-        self.resumed = previous is not None
+        if previous and "race" in previous:  # where a race re-formed its pack; a resume by hand keeps that
+            self.record["race"] = previous["race"]
+        self.resumed = previous is not None and not race
         if self.resumed:
             self.record["resumes"].append(
                 {k: v for k, v in (origin or provenance()).items() if k in ("command", "host", "slurm_job", "started")}
@@ -436,6 +441,10 @@ class RunRecord:
         self.record["history"] = [h for h in self.record["history"] if h["step"] <= trainer.global_step]
         if self.resumed:
             self.record["resumes"][-1]["from_step"] = trainer.global_step
+        if self.race:  # the step a re-formed pack continues it from, and that pack's size
+            self.record.setdefault("race", []).append({"from_step": trainer.global_step, "pack": self.pack})
+            self.save()
+            return
         # The device it trains on (which GPU, in a parallel sweep that spreads its jobs over several) and its CPU
         # threads, as set once the config was read; a resume's, in its own entry.
         used = {"used": str(trainer.strategy.root_device), "threads": torch.get_num_threads()}
@@ -460,6 +469,15 @@ class RunRecord:
         self.record["error"] = _reason(error)
         self.record["metrics"] = {k: _scalar(v) for k, v in metrics.items()}
         self.save()
+
+    def stop(self, metrics: Mapping[str, Any], evidence: Mapping[str, Any]) -> dict[str, Any]:
+        """A race stopped the run at a rung (fcexp.race): its metrics are that epoch's and its test's."""
+        self.writing = True
+        self.record["status"] = "stopped"
+        self.record["stopped"] = dict(evidence)
+        self.record["metrics"] = {k: _scalar(v) for k, v in metrics.items()}
+        self.save()
+        return self.record
 
     def finish(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         self.record["status"] = "completed"

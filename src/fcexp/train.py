@@ -32,9 +32,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 import fcexp.conf  # noqa: F401  registers the configs' resolvers, also in a sweep's worker processes
+from fcexp.compare import load_sweep
 from fcexp.data import DataError
 from fcexp.module import MEMBER_KNOBS, Classifier
 from fcexp.pack import Member, PackedData, PackRuns, member_bytes, merged_checkpoint, pack_key, pack_sizes
+from fcexp.race import Race, decide
 from fcexp.record import (
     CHECKPOINTS,
     INTERRUPTED,
@@ -125,6 +127,7 @@ class Job:
     run_dir: Path
     overrides: list[str]
     resume: bool = False
+    race: bool = False  # a race continues it past a rung or stops it there (fcexp.race): not the user's resume
 
 
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str], resume: bool = False) -> dict:
@@ -170,13 +173,21 @@ def _members_model(cfgs: list[DictConfig]) -> Classifier:
     return factory(members=members)
 
 
-def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
+def train_pack(
+    jobs: list[Job], until: int | None = None, stop: list[dict[str, Any]] | None = None
+) -> list[dict | BaseException]:
     """Train, test and record runs that share a model shape and data settings as one pack (fcexp.pack): each ends
-    with its metrics.json content, or, when it failed while the others went on, its error."""
+    with its metrics.json content, or, when it failed while the others went on, its error.
+
+    For a race (fcexp.race): `until`, train only to that epoch (their checkpoints then hold it), untested, their
+    records still running; `stop`, test the runs as their checkpoints hold them and record them stopped with this
+    evidence (one entry a run)."""
     quiet_lightning()
     origin = provenance()  # one git and version read for the pack
     members = [
-        Member(i, job.run_dir, RunRecord(job.run_dir, job.overrides, job.resume, job.cfg, len(jobs), origin))
+        Member(
+            i, job.run_dir, RunRecord(job.run_dir, job.overrides, job.resume, job.cfg, len(jobs), origin, job.race)
+        )
         for i, job in enumerate(jobs)
     ]
     trainer = None
@@ -229,10 +240,16 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
         spread_over_gpus(first)
         progress = [instantiate(first.callbacks.progress)] if first.callbacks.get("progress") else []
         # Lightning's default summary is rich's table, cut to 80 columns: for a terminal, not a log file.
-        summary = [ModelSummary()] if first.trainer.enable_model_summary and not sys.stdout.isatty() else []
+        # A race's later legs (`job.race`) train the nets its first leg described.
+        described = first.trainer.enable_model_summary and not any(job.race for job in jobs)
+        summary = [ModelSummary()] if described and not sys.stdout.isatty() else []
         checkpoint_io = AtomicCheckpointIO()
+        for bar in progress:  # a race's leg to a rung still counts the run's own epochs
+            bar.line.total = first.trainer.max_epochs
         trainer = instantiate(
             first.trainer,
+            **({"max_epochs": until} if until is not None else {}),
+            enable_model_summary=described,
             logger=False,
             # Each member's checkpoints come from fcexp.pack.Checkpoints; without one, Lightning would add its own.
             enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
@@ -250,8 +267,11 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
             # The pack's checkpoint is its members' merged; Lightning reads it from memory, by the first one's path.
             ckpt_path = str(resumed[0])
             checkpoint_io.in_memory[ckpt_path] = merged_checkpoint([read_checkpoint(p) for p in resumed], model)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        if any(m.error is None for m in members):
+        if stop is not None:  # the nets as the rung left them, tested
+            trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True)
+        else:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if until is None and stop is None and any(m.error is None for m in members):
             # The seed evaluates the model as training left it, not the best checkpoint.
             trainer.test(model, datamodule=datamodule, verbose=False)
     except BaseException as err:
@@ -270,7 +290,18 @@ def train_pack(jobs: list[Job]) -> list[dict | BaseException]:
             results.append(member.error)
             continue
         metrics = model.member_metrics[member.index]
-        results.append(member.record.finish(metrics))
+        if until is not None:  # on to the next rung: its TensorBoard run continues then
+            results.append(member.record.record)
+            member.logger.finalize("success")
+            continue
+        if stop is not None:  # its training's numbers are those of the rung's epoch, in its record
+            history = member.record.record["history"]
+            trained = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")}
+            best = max(h["val/acc"] for h in history)
+            metrics = trained | {"val/acc_best": best} | metrics
+            results.append(member.record.stop(metrics, stop[member.index]))
+        else:
+            results.append(member.record.finish(metrics))
         # A completed run went past the state a Ctrl-C once kept: a later resume must not go back to it.
         (member.run_dir / CHECKPOINTS / INTERRUPTED).unlink(missing_ok=True)
         if trainer.is_global_zero:
@@ -435,41 +466,93 @@ def member_logs(run_dirs: list[Path]):
             root.addHandler(handler)
 
 
-def train_packs(plans: list[list[Job | float]], sweep_dir: Path, max_members: int, budget: float) -> list[float]:
+def train_packs(
+    plans: list[list[Job | float]], sweep_dir: Path, max_members: int, budget: float, race: Race | None = None
+) -> list[float]:
     """Train a packed sweep's planned runs: those that can share a model (fcexp.pack.pack_key) and, when resumed,
-    their step train together, at most `max_members` and `budget` bytes a pack. Each job's score, as `replicate`."""
+    their step train together, at most `max_members` and `budget` bytes a pack. Each job's score, as `replicate`.
+    With a `race`, the runs train rung by rung (fcexp.race): after each, the configurations shown worse stop, and
+    the others go on in packs re-formed without them."""
     scores: list[list[float | None]] = [[None if isinstance(r, Job) else r for r in runs] for runs in plans]
+    entries = [(j, k, job) for j, runs in enumerate(plans) for k, job in enumerate(runs) if isinstance(job, Job)]
+    longest = max((job.cfg.trainer.max_epochs for _, _, job in entries), default=0)
+    legs = [r for r in race.rungs if r < longest] if race else []
+    for rung in legs:
+        log.info("race: training %d runs to epoch %d", len(entries), rung)
+        # Runs that stop short of this rung end here as any run does; the others are left at the rung.
+        short = [e for e in entries if e[2].cfg.trainer.max_epochs <= rung]
+        entries = [e for e in entries if e[2].cfg.trainer.max_epochs > rung]
+        _train_groups(short, scores, sweep_dir, max_members, budget)
+        _train_groups(entries, scores, sweep_dir, max_members, budget, until=rung)
+        entries = [(j, k, job) for j, k, job in entries if scores[j][k] is None]  # those that failed are out
+        stops = decide(load_sweep(sweep_dir), rung, race)
+        if stops:
+            log.info("race: %d of %d runs stopped at epoch %d", len(stops), len(entries), rung)
+        losing = [e for e in entries if e[2].run_dir in stops]
+        entries = [e for e in entries if e[2].run_dir not in stops]
+        # From here on each run continues from its checkpoint at the rung.
+        cut = [(j, k, Job(job.cfg, job.run_dir, job.overrides, resume=True, race=True)) for j, k, job in losing]
+        _train_groups(cut, scores, sweep_dir, max_members, budget, stop=stops)
+        entries = [(j, k, Job(job.cfg, job.run_dir, job.overrides, resume=True, race=True)) for j, k, job in entries]
+    _train_groups(entries, scores, sweep_dir, max_members, budget)
+    return [mean_best(s) for s in scores]
+
+
+def _train_groups(
+    entries: list[tuple[int, int, Job]],
+    scores: list[list[float | None]],
+    sweep_dir: Path,
+    max_members: int,
+    budget: float,
+    until: int | None = None,
+    stop: dict[Path, dict[str, Any]] | None = None,
+) -> None:
+    """Train `entries` (job j's replicate k) in packs; each run that ended, failed or stopped gets its score in
+    `scores`, a run trained only `until` a rung none (train_pack's `until` and `stop`)."""
     groups: dict[str, list[tuple[int, int, Job]]] = {}
-    for j, runs in enumerate(plans):
-        for k, job in enumerate(runs):
-            if isinstance(job, Job):
-                ckpt = resume_checkpoint(job.run_dir)[0] if job.resume else None
-                key = pack_key(job.cfg) + f"step={checkpoint_step(ckpt) if ckpt else None}"
-                if job.cfg.activation.name == "prelu":
-                    key += str(job.run_dir)  # learned activations train alone
-                groups.setdefault(key, []).append((j, k, job))
+    for j, k, job in entries:
+        ckpt = resume_checkpoint(job.run_dir)[0] if job.resume else None
+        key = pack_key(job.cfg) + f"step={checkpoint_step(ckpt) if ckpt else None}"
+        if job.cfg.activation.name == "prelu":
+            key += str(job.run_dir)  # learned activations train alone
+        groups.setdefault(key, []).append((j, k, job))
     for group in groups.values():
         limit = min(max_members, max(1, int(budget // member_bytes(group[0][2].cfg))))
         start = 0
         for size in pack_sizes(len(group), limit):
             pack, start = group[start : start + size], start + size
             jobs = [job for _, _, job in pack]
+            evidence = [stop[job.run_dir] for job in jobs] if stop is not None else None
             # What the pack logs goes to every member's train.log, what each member ends with to its own.
             with member_logs([job.run_dir for job in jobs]):
-                log.info("training a pack of %d: %s", len(jobs), ", ".join(job.run_dir.name for job in jobs))
-                results = _train_pack_or_each(jobs, sweep_dir)
+                what = "testing the stopped" if stop is not None else "training a pack of"
+                log.info("%s %d: %s", what, len(jobs), ", ".join(job.run_dir.name for job in jobs))
+                results = _train_pack_or_each(jobs, sweep_dir, until, evidence)
             for (j, k, job), result in zip(pack, results, strict=True):
                 with member_logs([job.run_dir]):
                     if isinstance(result, BaseException):
                         scores[j][k] = failed(result, job.run_dir, None, sweep_dir)
-                    else:
+                    elif stop is not None:
+                        log.info("%s", result["stopped"]["reason"])
                         scores[j][k] = report(result, job.run_dir, sweep_dir)
-    return [mean_best(s) for s in scores]
+                    elif until is None:
+                        scores[j][k] = report(result, job.run_dir, sweep_dir)
 
 
-def _train_pack_or_each(jobs: list[Job], sweep_dir: Path) -> list[dict | BaseException]:
+def _train_pack_or_each(
+    jobs: list[Job], sweep_dir: Path, until: int | None = None, stop: list[dict[str, Any]] | None = None
+) -> list[dict | BaseException]:
     try:
-        return train_pack(jobs)
+        if not any(job.race for job in jobs):
+            return train_pack(jobs, until, stop)
+        # A race's later legs: its own lines say what they do, not Lightning's devices and checkpoint restores.
+        lightning = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        level = lightning.level
+        lightning.setLevel(logging.WARNING)
+        try:
+            return train_pack(jobs, until, stop)
+        finally:
+            lightning.setLevel(level)
     except KeyboardInterrupt:
         interrupted([job.run_dir for job in jobs], sweep_dir)
     except USER_ERRORS as err:
@@ -477,7 +560,11 @@ def _train_pack_or_each(jobs: list[Job], sweep_dir: Path) -> list[dict | BaseExc
             return [err]
         # A value one member's constructor refused: the others train without it.
         log.warning("the pack refused a value (%s); training its %d runs one by one", err, len(jobs))
-        return [result for job in jobs for result in _train_pack_or_each([job], sweep_dir)]
+        return [
+            result
+            for i, job in enumerate(jobs)
+            for result in _train_pack_or_each([job], sweep_dir, until, stop and stop[i : i + 1])
+        ]
     except Exception as err:
         return [err] * len(jobs)
 
@@ -503,13 +590,14 @@ def plan(cfg: DictConfig, run_dir: Path, overrides: list[str], sweep_dir: Path |
             )
         tell(notes)
         return Job(cfg, run_dir, overrides, resume=True)
-    if previous is not None and previous["status"] == "completed" and rank_zero_only.rank == 0:
+    # A run a race stopped has ended too: a rerun of the race skips it; `resume=` trains it on to its last epoch.
+    if previous is not None and previous["status"] in ("completed", "stopped") and rank_zero_only.rank == 0:
         if cfg.skip_finished:
             log.info("skipping %s: finished before (skip_finished=true)", run_dir.name)
             return previous["metrics"]["val/acc_best"]
         resume = shlex.quote(f"resume={run_dir}")  # pasted into a shell as printed, whatever the path holds
         fix = "rerun the sweep with skip_finished=true" if sweep_dir else f"continue it with {resume}"
-        raise ValueError(f"{run_dir} holds a completed run; {fix}, or start in a new folder")
+        raise ValueError(f"{run_dir} holds a {previous['status']} run; {fix}, or start in a new folder")
     # A sweep rerun (skip_finished) continues its stopped jobs from their checkpoints.
     resume = previous is not None and bool(cfg.skip_finished)
     if resume:

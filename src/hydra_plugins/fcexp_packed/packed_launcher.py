@@ -9,7 +9,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,11 +25,22 @@ log = logging.getLogger("fcexp")
 
 
 @dataclass
+class RaceConf:
+    """A race's rule (fcexp.race.Race): decide after these epochs, stop at this Holm-adjusted p, keep this share by
+    rank without replicates."""
+
+    rungs: list[int] = field(default_factory=lambda: [1, 2])
+    level: float = 0.05
+    keep: float = 0.5
+
+
+@dataclass
 class PackedLauncherConf:
     _target_: str = "hydra_plugins.fcexp_packed.packed_launcher.PackedLauncher"
     max_members: int = 32  # members per pack at most
     # Hydra loads this module outside sys.modules: no postponed annotations, so Optional rather than `| None`.
     memory_gb: Optional[float] = None  # noqa: UP045  what packs may take; null: half the device's free memory
+    race: Optional[RaceConf] = None  # noqa: UP045  null: every run trains to its end
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="fcexp_packed", node=PackedLauncherConf)
@@ -49,12 +60,15 @@ def free_memory() -> int:
 
 
 class PackedLauncher(Launcher):
-    def __init__(self, max_members: int = 32, memory_gb: float | None = None) -> None:
+    def __init__(self, max_members: int = 32, memory_gb: float | None = None, race: Any = None) -> None:
+        from fcexp.race import Race
+
         if not isinstance(max_members, int) or max_members < 1:
             raise ValueError(f"hydra.launcher.max_members must be a positive integer, got {max_members!r}")
         if memory_gb is not None and not memory_gb > 0:
             raise ValueError(f"hydra.launcher.memory_gb must be > 0 or null, got {memory_gb!r}")
         self.max_members, self.memory_gb = max_members, memory_gb
+        self.race = None if race is None else Race(tuple(race.rungs), race.level, race.keep)
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -90,7 +104,7 @@ class PackedLauncher(Launcher):
             # itself: JobReturn.return_value would raise the job's error, which this launcher handles per job.
             plans.append(ret._return_value if ret.status == JobStatus.COMPLETED else [math.nan])
         budget = self.memory_gb * 2**30 if self.memory_gb else free_memory() / 2
-        scores = train_packs(plans, sweep_dir, self.max_members, budget)
+        scores = train_packs(plans, sweep_dir, self.max_members, budget, self.race)
         for ret, score in zip(returns, scores, strict=True):
             ret.status = JobStatus.COMPLETED
             ret.return_value = score if score is not None else math.nan
