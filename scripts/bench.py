@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import io
 import json
 import logging
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from datetime import date
 from itertools import pairwise
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -413,6 +414,49 @@ def sweep_costs(what: list[str], jobs: int, epochs: int, common: bool) -> dict[s
     return costs
 
 
+def configurations(sweep_dir: Path) -> list[dict[str, str]]:
+    """A compared sweep's configurations, best first (its configs.csv)."""
+    with open(sweep_dir / "configs.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def race_costs(limit: int | None, epochs: int) -> dict[str, Any]:
+    """Issue 21's targets: `+sweep=grid seed=0,1,2` (144 runs) packed and raced, side by side: each one's wall time,
+    the race's speed over the packed sweep's, how many runs it stopped, and whether its best configuration is the
+    full sweep's best or one the full sweep cannot tell from it. Then an A/A race, 16 configurations that differ
+    only in their batch order (data.seed) over the same 3 seeds: the share it stops, against its level."""
+    quiet = ["callbacks.progress.refresh_rate=0", "trainer.enable_model_summary=false", f"trainer.max_epochs={epochs}"]
+    data = [f"data.limit_train={limit}"] if limit else []
+    grid = [sys.executable, "-m", "fcexp.train", "-m", "+sweep=grid", "seed=0,1,2", *data, *quiet]
+    costs: dict[str, Any] = {"runs": 144, "epochs": epochs, "limit_train": limit}
+    best: dict[str, list[dict[str, str]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for way in ("packed", "race"):
+            folder = Path(tmp, way)
+            costs[f"{way}_s"] = round(timed([*grid, f"+launcher={way}", f"hydra.sweep.dir={folder}"]), 1)
+            best[way] = configurations(folder)
+            print(f"race bench: {way} {costs[f'{way}_s']} s", flush=True)
+        records = [json.loads(p.read_text()) for p in Path(tmp, "race").glob("*/metrics.json")]
+        costs["race_stopped"] = sum(r["status"] == "stopped" for r in records)
+        costs["race_stopped_at"] = {
+            str(rung): sum(r.get("stopped", {}).get("rung") == rung for r in records) for rung in (1, 2)
+        }
+        knobs = ["activation", "model.dropout", "model.batch_norm", "model.l2"]
+        winner = {k: best["race"][0][k] for k in knobs}
+        full = next(c for c in best["packed"] if {k: c[k] for k in knobs} == winner)
+        costs["race_best"] = winner
+        costs["race_best_in_full_sweep"] = {"rank": full["rank"], "verdict": full["verdict"]}
+        # A/A: one configuration sixteen times, each with its own batch order, paired by seed as the grid is.
+        same = [sys.executable, "-m", "fcexp.train", "-m", "+launcher=race", "data.seed=range(100,116)", "seed=0,1,2"]
+        folder = Path(tmp, "aa")
+        costs["aa_s"] = round(timed([*same, *data, *quiet, f"hydra.sweep.dir={folder}"]), 1)
+        records = [json.loads(p.read_text()) for p in folder.glob("*/metrics.json")]
+        stopped = {r["hparams"]["data.seed"] for r in records if r["status"] == "stopped"}
+        costs["aa_configurations"], costs["aa_stopped"] = 16, len(stopped)
+    costs["race/packed"] = round(costs["packed_s"] / costs["race_s"], 2)  # issue 21's target: >= 2.5
+    return costs
+
+
 def machine() -> str:
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     return f"{cpu_model()} ({os.cpu_count()} cores{gpu}), torch {torch.__version__}"
@@ -451,6 +495,13 @@ def main() -> None:
     parser.add_argument(
         "--sweep-epochs", type=int, default=None, help="epochs per sweep job (default 1, --grid 4; --grid16 1)"
     )
+    parser.add_argument(
+        "--race",
+        action="store_true",
+        help="also time +sweep=grid seed=0,1,2 (144 runs, 4 epochs) packed and raced, and an A/A race (~40 min here "
+        "on the full training set; --race-limit shrinks it)",
+    )
+    parser.add_argument("--race-limit", type=int, default=None, help="data.limit_train of the --race sweeps")
     parser.add_argument("--members", type=int, default=None, help="pack size of the member-step figure (default 16)")
     parser.add_argument("--common-epochs", type=int, default=0, help=argparse.SUPPRESS)  # one process of --sweep
     args = parser.parse_args()
@@ -552,6 +603,8 @@ def main() -> None:
     for name, (what, jobs, epochs) in SWEEPS.items():
         if getattr(args, name):
             result[name] = sweep_costs(what, jobs, args.sweep_epochs or epochs, common=False)
+    if args.race:
+        result["race"] = race_costs(args.race_limit, args.sweep_epochs or 4)
 
     print(
         f"\n{result['machine']}, {result['date']}, median of {reps} x {steps} steps, batch {BATCH}, "
@@ -571,7 +624,7 @@ def main() -> None:
         f"member-step ms: {result['member_step_ms']}; arithmetic bound GFLOP/s: {result['arithmetic_gflops']} "
         f"(fp32), {result['arithmetic_gflops_bf16']} (bf16)"
     )
-    for sweep in ("sweep", "grid", "grid16"):
+    for sweep in ("sweep", "grid", "grid16", "race"):
         for name, value in result.get(sweep, {}).items():
             print(f"{sweep} {name}: {value}")
     if args.json:

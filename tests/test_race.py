@@ -4,9 +4,13 @@ re-formed without them, each still the run it would be in the unshrunk pack."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
+import signal
 from pathlib import Path
 
+import lightning as L
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_faults import run_main
@@ -45,11 +49,11 @@ def race(mnist_root, tmp_path_factory) -> tuple[Path, Path, list[str]]:
     mp = pytest.MonkeyPatch()
     args = [*RACE, "activation=relu,leaky_relu,sigmoid"]
     try:
-        assert run_main(args, cwd, mp) is None
+        assert run_main(args, cwd, mp, cli) is None
         raced = only_sweep(cwd)
         whole = cwd / "whole"
         unraced = ["-m", "+launcher=packed", *RACE[2:], "activation=relu,leaky_relu,sigmoid"]
-        assert run_main([*unraced, f"hydra.sweep.dir={whole}"], cwd, mp) is None
+        assert run_main([*unraced, f"hydra.sweep.dir={whole}"], cwd, mp, cli) is None
     finally:
         mp.undo()
     return raced, whole, args
@@ -112,11 +116,45 @@ def test_a_race_rerun_makes_the_same_decisions_and_trains_nothing(race, monkeypa
     assert decide(load_sweep(raced), 1, Race()) == stopped and len(stopped) == 3
     before = {name: (raced / name / "metrics.json").read_bytes() for name in records(raced)}
     capsys.readouterr()
-    assert run_main([*args, f"hydra.sweep.dir={raced}", "skip_finished=true"], raced.parent, monkeypatch) is None
+    assert run_main([*args, f"hydra.sweep.dir={raced}", "skip_finished=true"], raced.parent, monkeypatch, cli) is None
     out = capsys.readouterr().out
     assert {name: (raced / name / "metrics.json").read_bytes() for name in before} == before
     assert "9 jobs in" in out and "6 completed, 3 stopped" in out
     assert "stopped: activation=sigmoid (3 runs): stopped at epoch 1: worse than activation=" in out
+
+
+class StopInSecondLeg(L.Callback):
+    """A real Ctrl-C (SIGINT) in the middle of the race's second leg (epoch 2, step 30 of 20-40), mid-step."""
+
+    fired = False
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if trainer.global_step == 30 and not StopInSecondLeg.fired:
+            StopInSecondLeg.fired = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_race_interrupted_in_a_leg_finishes_as_the_uninterrupted_race(race, tmp_path, monkeypatch, capsys):
+    raced, _, args = race
+    stopper = [f"+callbacks.stopper._target_={__name__}.StopInSecondLeg"]
+    assert run_main([*args, *stopper], tmp_path, monkeypatch, cli) == 130
+    sweep = only_sweep(tmp_path)
+    err = capsys.readouterr().err
+    (finish,) = [line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("finish the sweep with: ")]
+    statuses = {r["hparams"]["activation"]: r["status"] for r in records(sweep).values()}
+    assert statuses == {"sigmoid": "stopped", "relu": "interrupted", "leaky_relu": "interrupted"}
+    assert (
+        run_main(shlex.split(finish)[3:], tmp_path, monkeypatch, cli) is None
+    )  # as printed, less `python -m fcexp.train`
+
+    def outcome(sweep: Path) -> dict[tuple[str, int], tuple]:
+        return {
+            (r["hparams"]["activation"], r["hparams"]["seed"]): (r["status"], r["metrics"], r.get("stopped"))
+            for r in records(sweep).values()
+        }
+
+    # The same decisions, and the same numbers: the interrupted leg continued exactly where it stopped.
+    assert outcome(sweep) == outcome(raced)
 
 
 def test_an_a_a_race_stops_nothing(mnist_root, tmp_path, monkeypatch):
