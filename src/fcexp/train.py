@@ -485,11 +485,11 @@ def train_packs(
         _train_groups(short, scores, sweep_dir, max_members, budget)
         _train_groups(entries, scores, sweep_dir, max_members, budget, until=rung)
         entries = [(j, k, job) for j, k, job in entries if scores[j][k] is None]  # those that failed are out
+        # Runs a rerun skipped as stopped before are among the decided again; only those still racing stop here.
         stops = decide(load_sweep(sweep_dir), rung, race)
-        if stops:
-            log.info("race: %d of %d runs stopped at epoch %d", len(stops), len(entries), rung)
         losing = [e for e in entries if e[2].run_dir in stops]
         entries = [e for e in entries if e[2].run_dir not in stops]
+        log.info("race: %d of %d runs stopped at epoch %d", len(losing), len(losing) + len(entries), rung)
         # From here on each run continues from its checkpoint at the rung.
         cut = [(j, k, Job(job.cfg, job.run_dir, job.overrides, resume=True, race=True)) for j, k, job in losing]
         _train_groups(cut, scores, sweep_dir, max_members, budget, stop=stops)
