@@ -245,7 +245,8 @@ class UnitHealth(L.Callback):
         for k, (pre, post) in enumerate(hidden_activity(pl_module.net, self.batch)):
             for name, value in unit_stats(pl_module.net, pre, post, self.saturation).items():
                 metrics[f"units/{name}/{layer_tag(k)}"] = value
-        pl_module.log_members(metrics)
+        if metrics:  # a linear classifier has no hidden units to count
+            pl_module.log_members(metrics)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.measure(trainer, pl_module)
