@@ -256,6 +256,40 @@ class UnitHealth(L.Callback):
             self.measure(trainer, pl_module)
 
 
+class TrainAccuracy(L.Callback):
+    """Loss and accuracy on the first `images` training images (all of them, where there are fewer) in eval mode, at
+    every validation end, for every member at once: `train/loss_eval` and `train/acc_eval`. The net is measured as
+    validation sees it (no dropout, batch norm on its running statistics), so `train/acc_eval` minus `val/acc` is
+    the gap a net that overfits opens; `train/acc` is the mean over the epoch's batches, with dropout, while the net
+    was still changing."""
+
+    def __init__(self, images: int = 1000):
+        if images <= 0:
+            raise ValueError(f"callbacks.train_accuracy.images must be > 0, got {images}")
+        self.images = images
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        loss = acc = 0.0
+        seen = 0
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                for x, y in trainer.datamodule.train_eval_dataloader():
+                    x, y = x[: self.images - seen], y[: self.images - seen]
+                    logits = pl_module.net(x)
+                    loss = loss + pl_module.losses(logits, y) * len(x)
+                    acc = acc + pl_module.accuracies(logits, y) * len(x)
+                    seen += len(x)
+                    if seen == self.images:
+                        break
+        finally:
+            pl_module.train(was_training)
+        pl_module.log_members({"train/loss_eval": loss / seen, "train/acc_eval": acc / seen})
+
+
 class Histograms(L.Callback):
     """TensorBoard histograms of each Linear weight and of each hidden layer's pre-activations and activations
     (on `held_out` validation images) at every training epoch end: every member's counted at once, written to each
