@@ -7,7 +7,7 @@ train as one vectorized model, each still exactly the run it would be alone. The
 figures beside it, from what each run wrote to its folder DIR/runs/<name>_seed<s> (metrics.json, TensorBoard events,
 last.ckpt where the report tests a net again), and from the timings it takes itself (what an activation costs). Every
 configuration (an arm) trains once per seed, 0 to N-1 (`seed` sets init, batch order and dropout; the arms of the
-comparisons whose verdict did not replicate across machines run 0 to 2N-1): the report gives each number as its mean
+comparisons whose verdict did not replicate across machines run 0 to N+1): the report gives each number as its mean
 [95% interval] over seeds and each comparison as a difference with its interval, test and verdict (fcexp.stats), and
 opens with a table of every claim, what measured it and the verdict. --quick (2 seeds, a few steps per run, for the
 tests) checks the pipeline, not the claims.
@@ -58,7 +58,7 @@ VANISHED = 0.01  # "lost its gradient": first layer's norm below 1% of the outpu
 THRESHOLD = 0.90  # the validation accuracy whose first crossing counts as "converged" (section 7)
 CHANCE = 0.1  # the accuracy of a net that learned nothing (ten classes): what a diverged run counts as
 # The two verdicts that flipped between an AMD EPYC and an Intel Xeon (leaky vs relu at lr 3e-2, normalization
-# under Adam) sat at p = 0.05 with 3 seeds: their arms run this many times the seeds.
+# under Adam) sat at p = 0.05 with 3 seeds: their arms run this many seeds more.
 MORE_SEEDS = 2
 # Holm-adjusted p values in this range get a warning beside their verdict: a rerun may land on either side of 0.05.
 NEAR = (0.01, 0.10)
@@ -78,7 +78,7 @@ SETTINGS = {
         "rank": (25_600, 1),
         "fit": ((500, 2_000, 10_000, 50_000), 200),
         "width": 256,
-        "repeats": 15,  # timings per activation and shape (section 8)
+        "repeats": 10,  # timings per activation and shape (section 8)
         "overrides": [],
     },
     # Quick runs validate on 2,000 images instead of 10,000 (there, validation would cost more than training) and
@@ -203,7 +203,7 @@ class Study:
     @property
     def more_seeds(self) -> list[int]:
         """The seeds of the arms whose comparisons need more of them (MORE_SEEDS)."""
-        return list(range(MORE_SEEDS * len(self.seeds)))
+        return list(range(len(self.seeds) + MORE_SEEDS))
 
     def arm(
         self,
@@ -312,9 +312,10 @@ def ci(values: dict[int, float], digits: int = 4) -> str:
     if not values:
         return "-"
     iv = interval(list(values.values()))
+    form = ".3g" if abs(iv.mean) >= 1e4 else f".{digits}f"  # a loss that blew up: its size, not its decimals
     if iv.low is None:
-        return f"{iv.mean:.{digits}f}"
-    return f"{iv.mean:.{digits}f} [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
+        return f"{iv.mean:{form}}"
+    return f"{iv.mean:{form}} [{iv.low:{form}}, {iv.high:{form}}]"
 
 
 def log_interval(values: dict[int, float]) -> Interval:
@@ -395,7 +396,8 @@ def supports(claims: list[Claim], sign: int, name: Callable[[Claim], str] = lamb
     elif len(agree) == len(claims):
         word = "supported"
     elif agree:
-        word = f"partly: {', '.join(agree)}; the data cannot tell the others apart"
+        untold = [name(c) for c in claims if not c.diff.significant]
+        word = f"partly: holds for {', '.join(agree)}, not shown for {', '.join(untold)}"
     elif len(claims) == 1:
         word = f"not supported: the data cannot tell {claims[0].other} from {claims[0].base} apart"
     else:
@@ -641,10 +643,10 @@ def vanishing(study: Study, s: dict) -> Report:
         def vanishes(depths: list[int], against_relu: Claim) -> str:
             if not depths:
                 return "not supported: at no depth tried is it below 1% of the output layer's"
-            word = "supported" if against_relu.diff.significant and against_relu.diff.delta > 0 else "partly"
-            return f"{word}: below 1% at {', '.join(map(str, depths))} hidden layers; against relu, " + (
-                supports([against_relu], +1)
-            )
+            where = f"below 1% at {', '.join(map(str, depths))} hidden layers"
+            if against_relu.diff.significant and against_relu.diff.delta > 0:
+                return f"supported: {where}, and relu's is larger" + closeness([against_relu])
+            return f"partly: {where}, but relu's cannot be told from it" + closeness([against_relu])
 
         relu_zeros = interval(list(over_depths("sparsity", "relu").values()))
         others_zeros = max(max(over_depths("sparsity", a).values()) for a in ACTS if a != "relu")
@@ -937,15 +939,17 @@ def confidence(run: Run) -> dict[str, float]:
 
 def encoding(study: Study, s: dict) -> Report:
     common = steps_overrides(*s["data"])
-    seed_arm = study.arms["normalize_scale"]  # the seed's data settings: scale + one-hot
-    index = study.arm("labels_index", [*common, "data.labels=index"], TESTED)
+    onehot = study.arms["normalize_scale"]  # the seed's data settings: scale + one-hot
+    # As many seeds as the one-hot arm, so that both train in packs of one shape: a pack's shape sets its float
+    # rounding, and runs in packs of 3 and of 6 drift apart from it within a few dozen steps.
+    index = study.arm("labels_index", [*common, "data.labels=index"], TESTED, study.planned["normalize_scale"][1])
     smooth = study.arm("labels_onehot_smoothing0.1", [*common, "model.label_smoothing=0.1"], TESTED)
 
     def report() -> Written:
-        onehot = {seed: run for seed, run in seed_arm.items() if seed in study.seeds}  # the others' seeds, paired
-        arms = {"one-hot": onehot, "class indices": index, "one-hot + smoothing 0.1": smooth}
+        smoothed = "one-hot + smoothing 0.1"
+        arms = {"one-hot": onehot, "class indices": index, smoothed: smooth}
         same_logits_gap, curve_gap = 0.0, 0.0
-        for seed in study.seeds:
+        for seed in onehot:
             logits, _, targets = test_outputs(onehot[seed])
             by_onehot = F.cross_entropy(logits, F.one_hot(targets, 10).float(), reduction="none")
             by_index = F.cross_entropy(logits, targets, reduction="none")
@@ -976,7 +980,12 @@ def encoding(study: Study, s: dict) -> Report:
         claims = [
             Claim("test accuracy", acc, "one-hot", "class indices"),
             Claim("test cross-entropy", loss, "one-hot", "class indices"),
-            Claim("mean top probability", top, "one-hot", "one-hot + smoothing 0.1"),
+            Claim(
+                "mean top probability",
+                {"one-hot": {seed: top["one-hot"][seed] for seed in smooth}, smoothed: top[smoothed]},  # paired
+                "one-hot",
+                smoothed,
+            ),
         ]
         lines = [
             f"Same net, seeds and data order, {onehot[first].steps} steps, targets one-hot (the seed) or as class "
@@ -1180,7 +1189,7 @@ def convergence(study: Study, s: dict) -> Report:
         comparisons = judge(claims)
 
         def shown(act: str) -> str:
-            return ci(steps[act]) if censored[act] == 0 else f"> {ci(steps[act])} ({censored[act]} censored)"
+            return ci(steps[act], 0) if censored[act] == 0 else f"> {ci(steps[act], 0)} ({censored[act]} censored)"
 
         rows = [
             [act, shown(act), f"{len(steps[act]) - censored[act]} of {len(steps[act])}", ci(final[act]), ci(acc[act])]
@@ -1256,13 +1265,16 @@ def cost(study: Study, s: dict) -> Report:
             for name in names:
                 for what, shape in shapes.items():
                     h, grad = inputs[shape]
-                    number = 10 if quick else 200 if len(shape) == 2 else 20
+                    number = 10 if quick else 100 if len(shape) == 2 else 10
                     stmt = "h.grad = None; act(h).backward(grad)"
                     times[what][name][r] = 1e6 * seconds(stmt, number, h=h, grad=grad, act=layers[name])
                 net, opt = nets[name]
                 stmt = "opt.zero_grad(); net.losses(net.net(x), y).sum().backward(); net.add_l2_gradients(); opt.step()"
-                times[step][name][r] = 1e3 * seconds(stmt, 2 if quick else 10, net=net, opt=opt, x=x, y=y)
-        share = {n: {r: 1 - times[step]["identity"][r] / t for r, t in times[step][n].items()} for n in names}
+                times[step][name][r] = 1e3 * seconds(stmt, 2 if quick else 5, net=net, opt=opt, x=x, y=y)
+        # The activation's share of a step: its forward and backward at each hidden layer, timed alone, over the step.
+        depth = len(cfg.model.hidden)
+        layer = next(iter(shapes))
+        share = {n: {r: depth * t / 1e3 / times[step][n][r] for r, t in times[layer][n].items()} for n in names}
         default = compose_config()
         per_epoch = math.ceil((TRAIN_IMAGES - default.data.val_size) / default.data.batch_size)
         run_steps = default.trainer.max_epochs * per_epoch
@@ -1275,11 +1287,10 @@ def cost(study: Study, s: dict) -> Report:
         comparisons = judge(list(claims.values()))
 
         def per_run(other: str) -> str:
-            """What `other`'s steps add to a default run's against relu's, in seconds, with the interval."""
-            d = claims[step, other].diff
-            return (
-                f"{d.delta * run_steps / 1e3:+.1f} s [{d.low * run_steps / 1e3:+.1f}, {d.high * run_steps / 1e3:+.1f}]"
-            )
+            """What `other` adds to a default run against relu, in seconds with its interval: the difference at one
+            layer, at each hidden layer, at every step."""
+            d, scale = claims[layer, other].diff, depth * run_steps / 1e6
+            return f"{d.delta * scale:+.2f} s [{d.low * scale:+.2f}, {d.high * scale:+.2f}]"
 
         fig, axes = plt.subplots(1, len(units), figsize=(15, 4))
         for ax, (what, (unit, _)) in zip(axes, units.items(), strict=True):
@@ -1300,10 +1311,12 @@ def cost(study: Study, s: dict) -> Report:
             f"process, {s['repeats']} repeats, each timing every activation once in turn (repeat r of each is paired "
             "in the tests): the activation layer alone, forward and backward, at one hidden layer's shape and at a "
             "pack's, and a whole training step of the seed's net at batch 128 (forward, loss, backward, L2 gradient "
-            "and fused Adam, without Lightning's bookkeeping). Its share of the step is 1 - (the step with identity) "
-            f"/ (the step with it). A default run (`python -m fcexp.train`) takes {run_steps:,} steps, about "
-            f"{relu_step * run_steps / 1e3:.0f} s of them with relu: sigmoid's steps add {per_run('sigmoid')} to "
-            f"that, tanh's {per_run('tanh')}. The timings share the machine with whatever else runs on it.",
+            "and fused Adam, without Lightning's bookkeeping). The activation's share of the step is its time alone at "
+            f"one layer, times the net's {depth} hidden layers, over the step's. A default run (`python -m "
+            f"fcexp.train`) takes {run_steps:,} steps, about {relu_step * run_steps / 1e3:.0f} s of them with relu: "
+            f"sigmoid adds {per_run('sigmoid')} to that, tanh {per_run('tanh')} (the difference at one layer, times "
+            f"{depth} layers and {run_steps:,} steps). A whole step is too noisy here to show a difference that small "
+            "(its comparisons below). The timings share the machine with whatever else runs on it.",
             "",
             "Comparisons:",
             "",
@@ -1313,7 +1326,6 @@ def cost(study: Study, s: dict) -> Report:
             "",
             *table(header, rows),
         ]
-        layer = next(iter(shapes))
         findings = [
             Finding(
                 f"ReLU is cheaper to compute than {other}",
@@ -1323,14 +1335,17 @@ def cost(study: Study, s: dict) -> Report:
             )
             for other in ("sigmoid", "tanh")
         ]
+        whole = claims[step, "sigmoid"]
+        told = supports([whole], +1) if whole.diff.significant else "cannot tell sigmoid from relu apart"
         findings.append(
             Finding(
-                "... and that matters for a run",
-                "a training step of the seed's net, ms; the activation's share of it; a default run's steps",
-                f"{claims[step, 'sigmoid'].shown()}; share relu {ci(share['relu'], 3)}, sigmoid "
-                f"{ci(share['sigmoid'], 3)}; "
-                f"sigmoid adds {per_run('sigmoid')} to a default run",
-                supports([claims[step, "sigmoid"]], +1),
+                "... what that amounts to for a run",
+                "the activation's share of a training step of the seed's net; what it adds to a default run",
+                f"relu {ci(share['relu'], 3)}, sigmoid {ci(share['sigmoid'], 3)}, tanh {ci(share['tanh'], 3)} of a "
+                f"step; sigmoid adds {per_run('sigmoid')}, tanh {per_run('tanh')} to a run's "
+                f"{relu_step * run_steps / 1e3:.0f} s",
+                f"measured: relu spends {statistics.fmean(share['relu'].values()):.1%} of a step in its activation; "
+                f"a whole step {told}" + closeness([whole]),
             )
         )
         return lines, findings
@@ -1402,12 +1417,21 @@ def sparse_fit(study: Study, s: dict) -> Report:
             "",
             *table(["activation", *FIT_HEADER, "sparsity (end)"], rows),
         ]
+        # Leaky ReLU has no exact zeros: if it overfits no more than relu, the zeros are not what eases overfitting.
+        *saturating, leaky = claims
+        if not leaky.diff.significant and all(c.diff.significant and c.diff.delta > 0 for c in saturating):
+            verdict = (
+                f"not as the text explains it: {' and '.join(c.other for c in saturating)} overfit more than relu, "
+                "but leaky_relu, which has no exact zeros, no more than relu" + closeness(claims)
+            )
+        else:
+            verdict = supports(claims, +1)
         findings = [
             Finding(
                 "ReLU's zeros make the net sparse, which eases overfitting",
                 f"train - test accuracy on {size:,} training images, no dropout; relu's sparsity",
                 "; ".join(c.shown() for c in claims) + f"; relu's outputs {ci(zeros['relu'])} zeros",
-                supports(claims, +1),
+                verdict,
             )
         ]
         return lines, findings
@@ -1550,8 +1574,8 @@ def guidance(study: Study, s: dict) -> Report:
             f"{first.cfg.data.limit_train:,} training images ({first.steps} steps), each registered activation "
             "(swish is silu under another name: one arm), ranked by mean test accuracy with `fcexp.compare`'s "
             "statistics: each against the best, paired t test, Holm-adjusted over the ranking; 'tied with best' "
-            "means these seeds cannot tell it from the best. prelu learns its slope and trains alone, the others "
-            "packed.",
+            "means these seeds cannot tell it from the best; the accuracies' intervals are compare's "
+            f"({compare.INTERVAL}). prelu learns its slope and trains alone, the others packed.",
             "",
             *table(
                 ["rank", "activation", "test accuracy [95% CI]", "diff vs best [95% CI]", "p (Holm)", "verdict"], rows
@@ -1626,7 +1650,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps per run: checks the pipeline, not the claims")
     parser.add_argument(
-        "--seeds", type=int, help=f"runs per arm, seeds 0 to N-1 (default 3; 2 with --quick; {MORE_SEEDS}N for some)"
+        "--seeds", type=int, help=f"runs per arm, seeds 0 to N-1 (default 3; 2 with --quick; N+{MORE_SEEDS} for some)"
     )
     parser.add_argument("--out", type=Path, help="report folder (default runs/study/<date_time>)")
     # One thread by default: on a shared machine two threads per small matmul wait on each other (measured 8x slower
@@ -1686,11 +1710,13 @@ def main(argv: list[str] | None = None) -> Path | None:
         f"timings, {', '.join(timings)}). Every number below comes from these runs and timings; each run has its "
         f"folder (`<arm>_seed<s>`) with its metrics.json and TensorBoard events: `{tensorboard}`.",
         "",
-        f"Each arm (a configuration) runs seeds {', '.join(map(str, study.seeds))}, and the {len(more)} arms of the "
-        "two comparisons whose verdict did not replicate between two machines (leaky vs relu at lr 3e-2, "
-        f"normalization under Adam) seeds {study.more_seeds[0]}-{study.more_seeds[-1]}; the seed sets init, batch "
-        "order and dropout. Runs that share a net shape and data settings trained as one pack, as `+launcher=packed` "
-        "trains a sweep's jobs (fcexp.train.train_pack), each exactly as it would alone; a run's time is its share "
+        f"Each arm (a configuration) runs seeds {', '.join(map(str, study.seeds))}, and seeds "
+        f"{study.more_seeds[0]}-{study.more_seeds[-1]} {', '.join(f'`{name}`' for name in more)}: the arms of the two "
+        "comparisons whose verdict did not replicate between two machines (leaky vs relu at lr 3e-2, normalization "
+        "under Adam), and section 4's class-index arm, which trains in packs of its one-hot twin's shape. The seed "
+        "sets init, batch order and dropout. Runs that share a net shape and data settings trained as one pack, as "
+        "`+launcher=packed` trains a sweep's jobs (fcexp.train.train_pack), each exactly as it would alone, to the "
+        "rounding of its pack's shape; a run's time is its share "
         "of its pack's. Numbers are the mean [95% t interval] over seeds. Comparisons give the difference with its 95% "
         "interval and a t test over seeds, paired where both arms ran the same seeds (the seed fixes the batch order "
         "both see), Welch's otherwise; p values are Holm-adjusted within a section, and a verdict whose p lies "

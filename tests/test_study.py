@@ -59,7 +59,7 @@ CLAIMS = (
     "Hidden layers: prefer ReLU",
     "... avoid sigmoid",
 )
-VERDICT = re.compile(r"^(supported|partly|contradicted|not supported|consistent)")
+VERDICT = re.compile(r"^(supported|partly|contradicted|not supported|not as the text|consistent|measured)")
 INTERVAL = re.compile(r"-?\d+\.\d+ \[-?\d+\.\d+, -?\d+\.\d+\]")  # mean [low, high]
 # A comparison line: difference [95% interval] (test, p): verdict, with a warning where p is near the threshold.
 COMPARISON = re.compile(
@@ -108,7 +108,7 @@ def test_quick_study_writes_a_report_with_every_section(mnist_root, tmp_path):
     # Every arm ran once per seed, each run in its own folder, trained packed as a packed sweep trains its jobs: its
     # metrics.json names the pack it shared (prelu, which learns its slope, trains alone). A run's share of a pack is
     # 1/members, so the shares add up to the packs. The arms of the comparisons that did not replicate across
-    # machines run twice the seeds.
+    # machines run two seeds more.
     records = {p.name: json.loads((p / "metrics.json").read_text()) for p in (out / "runs").iterdir()}
     arms, runs = map(int, re.search(r"(\d+) arms, (\d+) runs", header).groups())
     assert len(records) == runs and all(r["status"] == "completed" for r in records.values())
@@ -117,6 +117,7 @@ def test_quick_study_writes_a_report_with_every_section(mnist_root, tmp_path):
         arm, seed = name.rsplit("_seed", 1)
         seeds[arm].add(int(seed))
     more = {f"dying_{act}_lr0.03" for act in ("relu", "leaky_relu")} | {f"normalize_{how}" for how in NORMALIZATIONS}
+    more.add("labels_index")  # packed as its one-hot twin, normalize_scale
     assert len(seeds) == arms and all(seeds[arm] == ({0, 1, 2, 3} if arm in more else {0, 1}) for arm in seeds)
     members = {name: r["pack"]["members"] if "pack" in r else 1 for name, r in records.items()}  # a solo run: none
     assert all((members[name] == 1) == ("prelu" in name) for name in records)
