@@ -78,7 +78,7 @@ SETTINGS = {
         "rank": (25_600, 1),
         "fit": ((500, 2_000, 10_000, 50_000), 200),
         "width": 256,
-        "repeats": 10,  # timings per activation and shape (section 8)
+        "repeats": 12,  # timings per activation and shape (section 8)
         "overrides": [],
     },
     # Quick runs validate on 2,000 images instead of 10,000 (there, validation would cost more than training) and
@@ -1233,14 +1233,17 @@ def convergence(study: Study, s: dict) -> Report:
 # ---- 8. what an activation costs --------------------------------------------------------------------------------
 
 
-def seconds(stmt: str, number: int, **names: object) -> float:
-    """Mean seconds of one run of `stmt` over `number` runs (torch.utils.benchmark), on this process's threads."""
+def seconds(stmt: str, number: int, blocks: int = 3, **names: object) -> float:
+    """Seconds of one run of `stmt` (torch.utils.benchmark, on this process's threads): the fastest of `blocks`
+    blocks' means of `number` runs each. On a shared machine another job only ever adds time, so the fastest
+    block is the one it interrupted least."""
     # Imported once it is needed, quieted: it imports cpp_extension, which says on a machine without CUDA that it
     # found none.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import benchmark
 
-    return benchmark.Timer(stmt, globals=names, num_threads=torch.get_num_threads()).timeit(number).mean
+    timer = benchmark.Timer(stmt, globals=names, num_threads=torch.get_num_threads())
+    return min(timer.timeit(number).mean for _ in range(blocks))
 
 
 def cost(study: Study, s: dict) -> Report:
@@ -1265,12 +1268,12 @@ def cost(study: Study, s: dict) -> Report:
             for name in names:
                 for what, shape in shapes.items():
                     h, grad = inputs[shape]
-                    number = 10 if quick else 100 if len(shape) == 2 else 10
+                    number = 2 if quick else 30 if len(shape) == 2 else 3
                     stmt = "h.grad = None; act(h).backward(grad)"
                     times[what][name][r] = 1e6 * seconds(stmt, number, h=h, grad=grad, act=layers[name])
                 net, opt = nets[name]
                 stmt = "opt.zero_grad(); net.losses(net.net(x), y).sum().backward(); net.add_l2_gradients(); opt.step()"
-                times[step][name][r] = 1e3 * seconds(stmt, 2 if quick else 5, net=net, opt=opt, x=x, y=y)
+                times[step][name][r] = 1e3 * seconds(stmt, 1, 2 if quick else 3, net=net, opt=opt, x=x, y=y)
         # The activation's share of a step: its forward and backward at each hidden layer, timed alone, over the step.
         depth = len(cfg.model.hidden)
         layer = next(iter(shapes))
@@ -1309,7 +1312,8 @@ def cost(study: Study, s: dict) -> Report:
             f"Timed on {cpu_model()}, {torch.get_num_threads()} CPU thread{'s' * (torch.get_num_threads() != 1)}, "
             "with `torch.utils.benchmark` in this "
             f"process, {s['repeats']} repeats, each timing every activation once in turn (repeat r of each is paired "
-            "in the tests): the activation layer alone, forward and backward, at one hidden layer's shape and at a "
+            "in the tests; a timing is the fastest of 3 blocks, the one the machine's other jobs slowed least): the "
+            "activation layer alone, forward and backward, at one hidden layer's shape and at a "
             "pack's, and a whole training step of the seed's net at batch 128 (forward, loss, backward, L2 gradient "
             "and fused Adam, without Lightning's bookkeeping). The activation's share of the step is its time alone at "
             f"one layer, times the net's {depth} hidden layers, over the step's. A default run (`python -m "
@@ -1711,9 +1715,10 @@ def main(argv: list[str] | None = None) -> Path | None:
         f"folder (`<arm>_seed<s>`) with its metrics.json and TensorBoard events: `{tensorboard}`.",
         "",
         f"Each arm (a configuration) runs seeds {', '.join(map(str, study.seeds))}, and seeds "
-        f"{study.more_seeds[0]}-{study.more_seeds[-1]} {', '.join(f'`{name}`' for name in more)}: the arms of the two "
-        "comparisons whose verdict did not replicate between two machines (leaky vs relu at lr 3e-2, normalization "
-        "under Adam), and section 4's class-index arm, which trains in packs of its one-hot twin's shape. The seed "
+        f"{study.more_seeds[0]}-{study.more_seeds[-1]} for {', '.join(f'`{name}`' for name in more)}: the arms of "
+        "the two comparisons whose verdict did not replicate between two machines (leaky vs relu at lr 3e-2, "
+        "normalization under Adam), and section 4's class-index arm, which trains in packs of its one-hot twin's "
+        "shape. The seed "
         "sets init, batch order and dropout. Runs that share a net shape and data settings trained as one pack, as "
         "`+launcher=packed` trains a sweep's jobs (fcexp.train.train_pack), each exactly as it would alone, to the "
         "rounding of its pack's shape; a run's time is its share "
