@@ -1319,8 +1319,8 @@ def cost(study: Study, s: dict) -> Report:
             f"one layer, times the net's {depth} hidden layers, over the step's. A default run (`python -m "
             f"fcexp.train`) takes {run_steps:,} steps, about {relu_step * run_steps / 1e3:.0f} s of them with relu: "
             f"sigmoid adds {per_run('sigmoid')} to that, tanh {per_run('tanh')} (the difference at one layer, times "
-            f"{depth} layers and {run_steps:,} steps). A whole step is too noisy here to show a difference that small "
-            "(its comparisons below). The timings share the machine with whatever else runs on it.",
+            f"{depth} layers and {run_steps:,} steps). A whole step's comparisons (below) show where such a difference "
+            "stands out from the step's own noise. The timings share the machine with whatever else runs on it.",
             "",
             "Comparisons:",
             "",
