@@ -302,9 +302,8 @@ def steps_overrides(images: int, epochs: int, points: int = 20) -> list[str]:
 # ---- numbers over seeds: every one a mean with its 95% interval, every comparison a test (fcexp.stats) -----------
 
 
-def per_seed(arm: Arm, value: Callable[[Run], float], seeds: list[int] | None = None) -> dict[int, float]:
-    """`value` of each of the arm's runs (or of those of `seeds`), by seed."""
-    return {seed: value(run) for seed, run in arm.items() if seeds is None or seed in seeds}
+def per_seed(arm: Arm, value: Callable[[Run], float]) -> dict[int, float]:
+    return {seed: value(run) for seed, run in arm.items()}
 
 
 def ci(values: dict[int, float], digits: int = 4) -> str:
