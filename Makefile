@@ -25,7 +25,7 @@ LOGDIR ?= runs
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir $(LOGDIR) $(ARGS)
 
-# The activation and data-preparation study: a Markdown report with figures (ARGS="--quick": a half-minute check).
+# The study of the seed text's claims: a Markdown report with figures (ARGS="--quick": a check in under a minute).
 study: $(STAMP)
 	$(PY) scripts/study.py $(ARGS)
 

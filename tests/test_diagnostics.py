@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fcexp.callbacks import GradientNorms, UnitHealth, hidden_activity, histograms, unit_stats
+from fcexp.callbacks import GradientNorms, TrainAccuracy, UnitHealth, hidden_activity, histograms, unit_stats
 from fcexp.data import MNISTDataModule
 from fcexp.module import Classifier
 from fcexp.net import PackedMLP
@@ -67,6 +67,24 @@ def test_unit_health_and_histograms_are_logged_per_layer(default_run):
     expected = {f"{kind}/layer0{i}" for kind in ("preactivations", "activations") for i in (1, 2)}
     expected |= {f"weights/layer0{i}" for i in (1, 2, 3)}
     assert expected <= set(tags["histograms"])
+
+
+@pytest.mark.slow
+def test_train_accuracy_is_the_last_nets_in_eval_mode_on_the_first_training_images(default_run, mnist_root):
+    run_dir, ev = default_run
+    acc, loss = ev.Scalars("train/acc_eval"), ev.Scalars("train/loss_eval")
+    assert [e.step for e in acc] == [e.step for e in loss] == [10, 20]  # each validation, as the unit counts
+    # The last measurement, again: the net as training left it (last.ckpt), no dropout, the first 1,000 images.
+    model = Classifier.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu").eval()
+    data = MNISTDataModule(root=mnist_root, limit_train=1280)
+    data.setup("fit")
+    x, y = data.tensors["train"]
+    with torch.no_grad():
+        logits = model(x[:1000])
+    assert acc[-1].value == pytest.approx(model.accuracies(logits, y[:1000]).item(), abs=1e-6)
+    assert loss[-1].value == pytest.approx(model.losses(logits.unsqueeze(0), y[:1000]).item(), rel=1e-5)
+    with pytest.raises(ValueError, match=r"callbacks\.train_accuracy\.images must be > 0, got 0"):
+        TrainAccuracy(images=0)
 
 
 @pytest.mark.slow

@@ -50,8 +50,7 @@ def run_main(args: list[str], cwd: Path, monkeypatch, entry: Callable[[], object
         ("activation.name=relu6", "unknown activation 'relu6'; known: sigmoid, tanh, relu, leaky_relu"),
         ("model.dropout=1.5", r"dropout must be in [0, 1), got 1.5"),
         ("model.l2=-0.1", "model.l2 must be >= 0, got -0.1"),
-        ("model.hidden=[]", "hidden sizes must be a non-empty list of positive integers, got []"),
-        ("model.hidden=[512,-3]", "hidden sizes must be a non-empty list of positive integers, got [512, -3]"),
+        ("model.hidden=[512,-3]", "hidden sizes must be a list of positive integers ([] for none), got [512, -3]"),
         (
             "model.hidden=[64,64,64]",
             "the net has 3 hidden layers but model.batch_norm has 2 values [False, True] and model.l2 has 2 values",

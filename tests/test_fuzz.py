@@ -47,6 +47,7 @@ OUT_OF_RANGE = {
     "callbacks.grad_norms.every_n_steps": "0",
     "callbacks.unit_health.held_out": "0",
     "callbacks.unit_health.saturation": "2",
+    "callbacks.train_accuracy.images": "0",
     "callbacks.histograms.held_out": "0",
     "callbacks.figures.mistakes": "0",
     "seed": "-1",

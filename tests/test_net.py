@@ -35,8 +35,7 @@ def test_unknown_activation_lists_the_known_ones():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"hidden": []}, "non-empty list of positive integers"),
-        ({"hidden": [512, 0]}, "non-empty list of positive integers"),
+        ({"hidden": [512, 0]}, r"list of positive integers \(\[\] for none\)"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"dropout": [0.1, 0.2, 0.3]}, "dropout has 3 values"),
         ({"init": "orthogonal"}, "unknown init 'orthogonal'"),
@@ -113,6 +112,19 @@ def test_a_member_is_the_net_build_mlp_makes_with_its_seed():
         assert [type(m) for m in view] == [type(m) for m in alone]
         torch.testing.assert_close(view(x), pack(x)[i])
         assert view[0].weight.grad is not None  # the pack's gradients, what GradientNorms reads
+
+
+def test_no_hidden_layer_is_a_linear_classifier():
+    net = build_mlp(784, [], 10, "sigmoid")
+    assert [type(m) for m in net] == [nn.Linear]
+    knobs = [member(seed=s, activation=act) for s, act in ((0, "sigmoid"), (1, "relu"))]
+    pack = PackedMLP(784, [], 10, knobs)
+    x = torch.randn(20, 784)
+    for i, k in enumerate(knobs):
+        torch.manual_seed(k["seed"])
+        (linear,) = build_mlp(784, [], 10, k["activation"])
+        torch.testing.assert_close(pack(x)[i], linear(x))  # no activation anywhere: the logits are x W + b
+        assert [type(m) for m in pack.member(i)] == [nn.Linear]
 
 
 def test_members_are_independent():

@@ -247,7 +247,8 @@ class UnitHealth(L.Callback):
         for k, (pre, post) in enumerate(hidden_activity(pl_module.net, self.batch)):
             for name, value in unit_stats(pl_module.net, pre, post, self.saturation).items():
                 metrics[f"units/{name}/{layer_tag(k)}"] = value
-        pl_module.log_members(metrics)
+        if metrics:  # a linear classifier has no hidden units to count
+            pl_module.log_members(metrics)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.measure(trainer, pl_module)
@@ -255,6 +256,40 @@ class UnitHealth(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.measure(trainer, pl_module)
+
+
+class TrainAccuracy(L.Callback):
+    """Loss and accuracy on the first `images` training images (all of them, where there are fewer) in eval mode, at
+    every validation end, for every member at once: `train/loss_eval` and `train/acc_eval`. The net is measured as
+    validation sees it (no dropout, batch norm on its running statistics), so `train/acc_eval` minus `val/acc` is
+    the gap a net that overfits opens; `train/acc` is the mean over the epoch's batches, with dropout, while the net
+    was still changing."""
+
+    def __init__(self, images: int = 1000):
+        if images <= 0:
+            raise ValueError(f"callbacks.train_accuracy.images must be > 0, got {images}")
+        self.images = images
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        loss = acc = 0.0
+        seen = 0
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                for x, y in trainer.datamodule.train_eval_dataloader():
+                    x, y = x[: self.images - seen], y[: self.images - seen]
+                    logits = pl_module.net(x)
+                    loss = loss + pl_module.losses(logits, y) * len(x)
+                    acc = acc + pl_module.accuracies(logits, y) * len(x)
+                    seen += len(x)
+                    if seen == self.images:
+                        break
+        finally:
+            pl_module.train(was_training)
+        pl_module.log_members({"train/loss_eval": loss / seen, "train/acc_eval": acc / seen})
 
 
 class Histograms(L.Callback):

@@ -14,6 +14,7 @@ import math
 import os
 import shlex
 import shutil
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,7 +311,7 @@ class Config:
 
     hparams: dict[str, Any]
     jobs: list[Job]
-    diff: Difference | None = None  # from the best configuration, in best validation accuracy
+    diff: Difference | None = None  # from the best configuration, in the metric it was ranked by
 
     def by_seed(self, metric: str) -> dict[int, float]:
         return {
@@ -339,21 +340,25 @@ class Config:
         return {None: "-", False: "tied with best", True: "worse"}[self.diff.significant]
 
 
-def group(jobs: list[Job], knobs: list[str]) -> list[Config]:
-    """The jobs grouped into configurations, ranked by mean best validation accuracy, each but the best with its
-    difference from the best (Holm-adjusted over all of them; fcexp.stats)."""
+def group(jobs: list[Job], knobs: list[str], metric: str = "val_best") -> list[Config]:
+    """The jobs grouped into configurations, ranked by the mean of `metric` (a Job property: best validation
+    accuracy, or "test"), each but the best with its difference from the best (Holm-adjusted over all of them;
+    fcexp.stats)."""
     keys = [k for k in knobs if k != "seed"]
     groups: dict[tuple[str, ...], Config] = {}
     for job in jobs:
         key = tuple(repr(job.hparams.get(k)) for k in keys)
         groups.setdefault(key, Config({k: job.hparams.get(k) for k in keys}, [])).jobs.append(job)
-    configs = sorted(groups.values(), key=lambda c: -c.val.mean if c.val else math.inf)
-    if configs and configs[0].val is not None:
-        best = configs[0].by_seed("val_best")
-        scored = [c for c in configs[1:] if c.val is not None]
-        for config, diff in zip(scored, holm([difference(best, c.by_seed("val_best")) for c in scored]), strict=True):
+    ranked = sorted(
+        ((c, c.by_seed(metric)) for c in groups.values()),
+        key=lambda ranked: -statistics.fmean(ranked[1].values()) if ranked[1] else math.inf,
+    )
+    scored = [(c, values) for c, values in ranked if values]
+    if scored:
+        (_, best), rest = scored[0], scored[1:]
+        for (config, _), diff in zip(rest, holm([difference(best, values) for _, values in rest]), strict=True):
             config.diff = diff
-    return configs
+    return [c for c, _ in ranked]
 
 
 def replicated(configs: list[Config]) -> bool:

@@ -293,6 +293,11 @@ class MNISTDataModule(L.LightningDataModule):
             loader.skip = done if done < len(loader) else 0
         return loader
 
+    def train_eval_dataloader(self) -> TensorLoader:
+        """The training images in their stored order, in evaluation batches: what the net's accuracy on its own
+        training set is measured on (fcexp.callbacks.TrainAccuracy), the same images at every measurement."""
+        return self._loader("train", False, self.hparams.eval_batch_size)
+
     def val_dataloader(self) -> TensorLoader:
         return self._loader("val", False, self.hparams.eval_batch_size)
 

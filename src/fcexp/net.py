@@ -108,9 +108,10 @@ def check_per_layer(depth: int, values: Mapping[str, tuple[Any, type]]) -> None:
 
 
 def check_hidden(hidden: Sequence[int]) -> list[int]:
+    """The hidden layers' sizes; none (`[]`) is a linear classifier, the input's one Linear layer to the logits."""
     sizes = list(hidden) if isinstance(hidden, Sequence) and not isinstance(hidden, str) else [hidden]
-    if not sizes or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in sizes):
-        raise ValueError(f"hidden sizes must be a non-empty list of positive integers, got {hidden!r}")
+    if any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in sizes):
+        raise ValueError(f"hidden sizes must be a list of positive integers ([] for none), got {hidden!r}")
     return sizes
 
 
@@ -319,7 +320,11 @@ class PackedMLP(nn.Module):
         self.dropout = DropoutStreams(seeds, self.rates)
         # Members with the same parameter-free activation share one call; runs of them are applied in turn.
         self.specs = [m["activation"] for m in members]
-        acts = [next(m for m in net if isinstance(m, ACTIVATION_TYPES)) for net in nets]
+        acts = []
+        for net, m in zip(nets, members, strict=True):
+            act = next((layer for layer in net if isinstance(layer, ACTIVATION_TYPES)), None)
+            # A linear classifier (no hidden layer) has none in its net: its own is built, and never applied.
+            acts.append(make_activation(m["activation"]) if act is None else act)
         if self.members > 1 and any(any(True for _ in a.parameters()) for a in acts):
             raise ValueError("an activation with learned parameters (prelu) trains only in a pack of one")
         self.runs: list[tuple[int, int]] = []

@@ -347,6 +347,9 @@ class PackedData(L.LightningDataModule):
             return loaders[0]
         return StackedLoader(loaders)
 
+    def train_eval_dataloader(self):
+        return self.members[0].train_eval_dataloader()  # the members share their training images
+
     def val_dataloader(self):
         return self.members[0].val_dataloader()
 

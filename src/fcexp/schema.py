@@ -157,6 +157,12 @@ class UnitHealth:
 
 
 @dataclass
+class TrainAccuracy:
+    _target_: str = MISSING
+    images: int = MISSING
+
+
+@dataclass
 class Histograms:
     _target_: str = MISSING
     held_out: int = MISSING
@@ -177,6 +183,7 @@ class Callbacks:
     progress: Optional[Progress] = None
     grad_norms: Optional[GradNorms] = None
     unit_health: Optional[UnitHealth] = None
+    train_accuracy: Optional[TrainAccuracy] = None
     histograms: Optional[Histograms] = None
     figures: Optional[Figures] = None
 
