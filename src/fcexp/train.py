@@ -185,9 +185,7 @@ def train_pack(
     quiet_lightning()
     origin = provenance()  # one git and version read for the pack
     members = [
-        Member(
-            i, job.run_dir, RunRecord(job.run_dir, job.overrides, job.resume, job.cfg, len(jobs), origin, job.race)
-        )
+        Member(i, job.run_dir, RunRecord(job.run_dir, job.overrides, job.resume, job.cfg, len(jobs), origin, job.race))
         for i, job in enumerate(jobs)
     ]
     trainer = None
