@@ -59,7 +59,7 @@ def test_unit_health_and_histograms_are_logged_per_layer(default_run):
     for kind in ("dead", "inactive", "saturated", "sparsity"):
         for layer in ("layer01", "layer02"):
             values = ev.Scalars(f"units/{kind}/{layer}")
-            assert [e.step for e in values] == [0, 10, 20]  # training start, then each validation
+            assert [e.step for e in values] == [0, 9, 19]  # training start, then each validation, at its last step
             assert all(0.0 <= e.value <= 1.0 for e in values)
     # A freshly initialized ReLU net: about half its outputs are zero, and no unit is dead on 1,000 images.
     assert 0.3 < ev.Scalars("units/sparsity/layer01")[0].value < 0.7
@@ -73,7 +73,7 @@ def test_unit_health_and_histograms_are_logged_per_layer(default_run):
 def test_train_accuracy_is_the_last_nets_in_eval_mode_on_the_first_training_images(default_run, mnist_root):
     run_dir, ev = default_run
     acc, loss = ev.Scalars("train/acc_eval"), ev.Scalars("train/loss_eval")
-    assert [e.step for e in acc] == [e.step for e in loss] == [10, 20]  # each validation, as the unit counts
+    assert [e.step for e in acc] == [e.step for e in loss] == [9, 19]  # each validation, as the unit counts
     # The last measurement, again: the net as training left it (last.ckpt), no dropout, the first 1,000 images.
     model = Classifier.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu").eval()
     data = MNISTDataModule(root=mnist_root, limit_train=1280)

@@ -211,3 +211,10 @@ def test_a_bad_rule_is_refused_naming_it(race, message):
     with pytest.raises(ValueError) as err:
         Race(**race)
     assert str(err.value) == message
+
+
+def test_a_race_with_a_bad_rule_is_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    args = ["-m", "+launcher=race", "hydra.launcher.race.level=2", "seed=0,1"]
+    assert run_main(args, tmp_path, monkeypatch, cli) == 2
+    assert capsys.readouterr().err == "error: hydra.launcher.race.level must be in (0, 1), got 2.0\n"
+    assert not (tmp_path / "runs").exists()

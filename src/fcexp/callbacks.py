@@ -240,7 +240,7 @@ class UnitHealth(L.Callback):
         self.held_out, self.saturation = held_out, saturation
         self.batch: torch.Tensor | None = None
 
-    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int | None = None) -> None:
         if self.batch is None:
             self.batch = held_out_images(trainer, self.held_out)
         metrics = {}
@@ -248,14 +248,22 @@ class UnitHealth(L.Callback):
             for name, value in unit_stats(pl_module.net, pre, post, self.saturation).items():
                 metrics[f"units/{name}/{layer_tag(k)}"] = value
         if metrics:  # a linear classifier has no hidden units to count
-            pl_module.log_members(metrics)
+            pl_module.log_members(metrics, step)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.measure(trainer, pl_module)
+        if trainer.global_step == 0:  # a resumed run's nets were measured at the validation its checkpoint followed
+            self.measure(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self.measure(trainer, pl_module)
+            self.measure(trainer, pl_module, validated_step(trainer))
+
+
+def validated_step(trainer: L.Trainer) -> int:
+    """Where a validation's measurements go in TensorBoard: the step just trained, as the epoch's metrics
+    (Classifier.end_epoch). At an epoch's end the next step is its checkpoint's, from which a resumed run logs anew
+    (TensorBoard drops what a killed run logged from there): logged there, they would be lost."""
+    return max(0, trainer.global_step - 1)
 
 
 class TrainAccuracy(L.Callback):
@@ -289,7 +297,8 @@ class TrainAccuracy(L.Callback):
                         break
         finally:
             pl_module.train(was_training)
-        pl_module.log_members({"train/loss_eval": loss / seen, "train/acc_eval": acc / seen})
+        metrics = {"train/loss_eval": loss / seen, "train/acc_eval": acc / seen}
+        pl_module.log_members(metrics, validated_step(trainer))
 
 
 class Histograms(L.Callback):

@@ -757,6 +757,17 @@ class CompareAtEnd(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if rank_zero_only.rank != 0:
             return
+        race = config.hydra.launcher.get("race")
+        if race is not None:
+            # Checked here, before the sweep's folder exists: Hydra would build the launcher (which refuses the
+            # same values) only after this, and report it in several lines.
+            from fcexp.race import Race  # fcexp.race reads sweeps with this module
+
+            try:
+                Race(tuple(race.rungs), race.level, race.keep)
+            except ValueError as err:
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
         sweep_dir = Path(config.hydra.sweep.dir)  # claimed here, first: the sweep's jobs get the same folder
         if not (sweep_dir / MULTIRUN).is_file():
             # Hydra's basic sweeper writes the sweep's config; Optuna's does not, and compare reads from it how the
