@@ -366,7 +366,8 @@ def judge(claims: list[Claim]) -> list[str]:
     Holm-adjusted over the section's comparisons, so the section as a whole calls a tie a difference at most 5% of
     the time."""
     diffs = holm([difference(c.values[c.base], c.values[c.other]) for c in claims])
-    over = f", Holm-adjusted over {len(claims)} comparisons" if len(claims) > 1 else ""
+    # The interval is each comparison's own: it may exclude 0 where the adjusted p says "cannot tell".
+    over = f", Holm-adjusted over {len(claims)} comparisons; the interval is not" if len(claims) > 1 else ""
     lines = []
     for c, d in zip(claims, diffs, strict=True):
         c.diff = d

@@ -64,8 +64,9 @@ INTERVAL = re.compile(r"-?\d+\.\d+ \[-?\d+\.\d+, -?\d+\.\d+\]")  # mean [low, hi
 # A comparison line: difference [95% interval] (test, p): verdict, with a warning where p is near the threshold.
 COMPARISON = re.compile(
     r"^- .+: [+-]\S+ \[[+-]\S+, [+-]\S+\] \((paired|Welch) t test over \d+( and \d+)? (seeds|repeats), p = \S+?"
-    r"(, Holm-adjusted over \d+ comparisons)?\): (\*\*significant\*\*: .+ is (higher|lower) than .+|not significant: "
-    r"the data cannot tell .+ from .+ apart)(; p is near the 0.05 threshold: .+)?\.$",
+    r"(, Holm-adjusted over \d+ comparisons; the interval is not)?\): "
+    r"(\*\*significant\*\*: .+ is (higher|lower) than .+|not significant: the data cannot tell .+ from .+ apart)"
+    r"(; p is near the 0.05 threshold: .+)?\.$",
     re.MULTILINE,
 )
 

@@ -58,8 +58,8 @@ def test_every_preset_composes(preset):
     group, name = preset[1:].split("=")
     if group == "launcher":
         # A launcher preset says how many cores a job gets (slurm's resolves only inside a job); a packed sweep
-        # trains in this one process, on every core.
-        assert (OmegaConf.to_container(cfg)["threads"] is None) == (name == "packed")
+        # (or race) trains in this one process, on every core.
+        assert (OmegaConf.to_container(cfg)["threads"] is None) == (name in ("packed", "race"))
     else:
         assert cfg.hydra.sweeper.params
     if group != "sweep":
