@@ -23,7 +23,8 @@ from fcexp.train import cli
 QUIET = ["callbacks.progress.refresh_rate=0", "trainer.enable_model_summary=false"]
 # Five hidden layers of 64: sigmoid barely trains there in 20 steps, ReLU and leaky ReLU do, alike.
 DEEP = ["model.hidden=[64,64,64,64,64]", "model.batch_norm=false", "model.l2=0", "data.limit_train=2560"]
-RACE = ["-m", "+launcher=race", *DEEP, "trainer.max_epochs=3", "seed=0,1,2", *QUIET]
+# Without the diagnostics a run's figures and histograms would cost more than its 60 steps.
+RACE = ["-m", "+launcher=race", *DEEP, "trainer.max_epochs=3", "seed=0,1,2", "callbacks=plain", *QUIET]
 
 
 def records(sweep: Path) -> dict[str, dict]:
@@ -159,7 +160,15 @@ def test_a_race_interrupted_in_a_leg_finishes_as_the_uninterrupted_race(race, tm
 
 def test_an_a_a_race_stops_nothing(mnist_root, tmp_path, monkeypatch):
     # silu and swish are one layer under two names: no evidence can tell them apart.
-    args = ["-m", "+launcher=race", *DEEP[:3], "data.limit_train=1280", "trainer.max_epochs=2", *QUIET]
+    args = [
+        "-m",
+        "+launcher=race",
+        *DEEP[:3],
+        "data.limit_train=1280",
+        "trainer.max_epochs=2",
+        "callbacks=plain",
+        *QUIET,
+    ]
     assert (
         run_main([*args, "activation=silu,swish", "seed=0,1,2", "hydra.launcher.race.level=0.2"], tmp_path, monkeypatch)
         is None
