@@ -361,6 +361,11 @@ class Claim:
         )
 
 
+def details(comparisons: list[str], image: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """What follows a section's summary: its comparisons, its figure and its table of arms."""
+    return ["Comparisons:", "", *comparisons, "", image, "", *table(header, rows)]
+
+
 def judge(claims: list[Claim]) -> list[str]:
     """One line per comparison: difference, 95% interval, test, verdict; each claim keeps its `diff`. p values are
     Holm-adjusted over the section's comparisons, so the section as a whole calls a tie a difference at most 5% of
@@ -630,13 +635,7 @@ def vanishing(study: Study, s: dict) -> Report:
             f". Activation sparsity (outputs exactly 0): relu {ci(over_depths('sparsity', 'relu'))}, leaky_relu "
             f"{ci(over_depths('sparsity', 'leaky_relu'))}, tanh {ci(over_depths('sparsity', 'tanh'))}.",
             "",
-            "Comparisons:",
-            "",
-            *judge(claims),
-            "",
-            image,
-            "",
-            *table(header, rows),
+            *details(judge(claims), image, header, rows),
         ]
         sigmoid_deep = per_seed(arms["sigmoid", False, deep], ratio_start)
 
@@ -767,13 +766,7 @@ def dying(study: Study, s: dict) -> Report:
             f"at lr {high:g}, a fraction {ci(per_seed(arms['leaky_relu', high], at_end('inactive')))} of its units are "
             f"negative on every image yet still pass a 0.01 gradient; test accuracy {ci(acc['leaky_relu', high])}.",
             "",
-            "Comparisons:",
-            "",
-            *judge(claims),
-            "",
-            image,
-            "",
-            *table(header, rows),
+            *details(judge(claims), image, header, rows),
         ]
         findings = [
             Finding(
@@ -997,13 +990,7 @@ def encoding(study: Study, s: dict) -> Report:
             "- What one-hot (probability) targets make possible: label smoothing, i.e. targets of 0.91 / 0.01 instead "
             "of 1 / 0; the last comparison asks whether it changes how sure the net is.",
             "",
-            "Comparisons:",
-            "",
-            *judge(claims),
-            "",
-            image,
-            "",
-            *table(header, rows),
+            *details(judge(claims), image, header, rows),
         ]
         same = same_logits_gap < 1e-5 and curve_gap < 1e-4
         findings = [
@@ -1105,13 +1092,7 @@ def linear_depth(study: Study, s: dict) -> Report:
             + ", ".join(f"{gaps[d]:.1e} ({d} layers)" for d in DEPTHS)
             + " of the largest logit, float rounding: whatever its depth, it is a linear classifier.",
             "",
-            "Comparisons:",
-            "",
-            *comparisons,
-            "",
-            image,
-            "",
-            *table(header, rows),
+            *details(comparisons, image, header, rows),
         ]
         better = [c for c in claims[: len(DEPTHS)] if c.diff.significant and c.diff.delta > 0]
         worse = [c for c in claims[: len(DEPTHS)] if c.diff.significant and c.diff.delta < 0]
@@ -1209,13 +1190,7 @@ def convergence(study: Study, s: dict) -> Report:
             f"validation images; only the activation differs. A run has converged when its validation accuracy first "
             f"reaches {THRESHOLD:g}. {note}",
             "",
-            "Comparisons:",
-            "",
-            *comparisons,
-            "",
-            image,
-            "",
-            *table(header, rows),
+            *details(comparisons, image, header, rows),
         ]
         findings = [
             Finding(
@@ -1322,13 +1297,7 @@ def cost(study: Study, s: dict) -> Report:
             f"{depth} layers and {run_steps:,} steps). A whole step's comparisons (below) show where such a difference "
             "stands out from the step's own noise. The timings share the machine with whatever else runs on it.",
             "",
-            "Comparisons:",
-            "",
-            *comparisons,
-            "",
-            image,
-            "",
-            *table(header, rows),
+            *details(comparisons, image, header, rows),
         ]
         findings = [
             Finding(
@@ -1509,13 +1478,7 @@ def small_data(study: Study, s: dict) -> Report:
             "mode (no dropout: `callbacks.train_accuracy`), test accuracy on the 10,000 test images; the gap is "
             "their difference, per seed.",
             "",
-            "Comparisons:",
-            "",
-            *comparisons,
-            "",
-            image,
-            "",
-            *table(["training images", "dropout", "steps (epochs)", *FIT_HEADER], rows),
+            *details(comparisons, image, ["training images", "dropout", "steps (epochs)", *FIT_HEADER], rows),
         ]
         trend = claims[len(sizes)]
         by_dropout = claims[len(sizes) + 1 :]
