@@ -207,6 +207,18 @@ def test_without_replicates_the_race_halves_by_rank_and_says_it_has_no_intervals
     assert stops[Path("r0")]["rank"] == 5 and "carries no intervals" in stops[Path("r0")]["rule"]
 
 
+def test_rule_halving_ranks_replicated_configurations_by_their_mean():
+    """The tied configuration that the t test keeps, rule=halving stops when it ranks in the lower half."""
+    good = [job(f"a{s}", s, [0.90 + 0.01 * s], activation="relu") for s in range(3)]
+    tied = [job(f"b{s}", s, [0.90 + 0.01 * s + (-0.002, 0.001, -0.001)[s]], activation="tanh") for s in range(3)]
+    runs = [*good, *tied]
+    assert decide(runs, 1, Race()) == {}
+    stops = decide(runs, 1, Race(rule="halving"))
+    assert set(stops) == {Path(f"b{s}") for s in range(3)}
+    assert stops[Path("b0")]["rank"] == 2 and "by their mean over seeds" in stops[Path("b0")]["rule"]
+    assert "p_holm" not in stops[Path("b0")] and "a ranking without intervals" in stops[Path("b0")]["reason"]
+
+
 @pytest.mark.parametrize(
     ("race", "message"),
     [
@@ -214,6 +226,7 @@ def test_without_replicates_the_race_halves_by_rank_and_says_it_has_no_intervals
         ({"rungs": (2, 1)}, "hydra.launcher.race.rungs must increase, got [2, 1]"),
         ({"level": 1.5}, "hydra.launcher.race.level must be in (0, 1), got 1.5"),
         ({"keep": 0}, "hydra.launcher.race.keep must be in (0, 1), got 0"),
+        ({"rule": "holm"}, "hydra.launcher.race.rule must be one of test, halving, got 'holm'"),
     ],
 )
 def test_a_bad_rule_is_refused_naming_it(race, message):

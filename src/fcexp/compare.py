@@ -764,7 +764,7 @@ class CompareAtEnd(Callback):
             from fcexp.race import Race  # fcexp.race reads sweeps with this module
 
             try:
-                Race(tuple(race.rungs), race.level, race.keep)
+                Race.of(race)
             except ValueError as err:
                 print(f"error: {err}", file=sys.stderr)
                 sys.exit(2)

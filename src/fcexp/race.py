@@ -5,7 +5,8 @@ At each rung every configuration still running is compared with the best one on 
 to that epoch, by compare's statistics (fcexp.stats): with replicates, a paired t test over seeds per configuration,
 Holm-adjusted over the comparisons; a configuration worse at adjusted p below `level` stops, all its seeds together.
 Without replicates there is nothing to test: successive halving keeps the best `keep` share by rank, and says that
-such a ranking carries no intervals. The decisions are read from the runs' records, so a race rerun
+such a ranking carries no intervals; `rule=halving` ranks so even with replicates (by the mean over seeds), for a
+user who would rather have the speed than the evidence. The decisions are read from the runs' records, so a race rerun
 (`skip_finished=true`) makes the same ones from the same numbers.
 """
 
@@ -23,14 +24,25 @@ from fcexp.stats import difference, holm
 STOPPED = "stopped"
 
 
+RULES = ("test", "halving")
+
+
 @dataclass(frozen=True)
 class Race:
     """`rungs`: the epochs after which the race decides (those at or past a run's last epoch are its end); `level`:
-    the Holm-adjusted p below which a configuration stops; `keep`: the share successive halving keeps."""
+    the Holm-adjusted p below which a configuration stops; `keep`: the share successive halving keeps; `rule`:
+    `test` (the paired t test where there are replicates, successive halving where there are none) or `halving`
+    (successive halving by the mean over seeds even with replicates: faster, and without evidence)."""
 
     rungs: tuple[int, ...] = (1, 2)
     level: float = 0.05
     keep: float = 0.5
+    rule: str = "test"
+
+    @classmethod
+    def of(cls, conf: Any) -> Race:
+        """The race `hydra.launcher.race` describes (PackedLauncherConf.race), checked."""
+        return cls(tuple(conf.rungs), conf.level, conf.keep, conf.rule)
 
     def __post_init__(self):
         rungs = list(self.rungs)
@@ -42,6 +54,8 @@ class Race:
             raise ValueError(f"hydra.launcher.race.level must be in (0, 1), got {self.level}")
         if not 0 < self.keep < 1:
             raise ValueError(f"hydra.launcher.race.keep must be in (0, 1), got {self.keep}")
+        if self.rule not in RULES:
+            raise ValueError(f"hydra.launcher.race.rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         object.__setattr__(self, "rungs", tuple(rungs))
 
 
@@ -80,7 +94,8 @@ def decide(jobs: list[Job], rung: int, race: Race) -> dict[Path, dict[str, Any]]
     best, others = ranked[0], ranked[1:]
     common = {"rung": rung, "metric": f"best val/acc over epochs 1-{rung}", "lost_to": best}
     stops: dict[str, dict[str, Any]] = {}
-    if all(len(seeds) >= 2 for seeds in configs.values()):
+    replicated = all(len(seeds) >= 2 for seeds in configs.values())
+    if race.rule == "test" and replicated:
         diffs = holm([difference(configs[best], configs[c]) for c in others])
         for name, diff in zip(others, diffs, strict=True):
             if diff.p_holm is not None and diff.p_holm < race.level and diff.delta < 0:
@@ -93,10 +108,11 @@ def decide(jobs: list[Job], rung: int, race: Race) -> dict[Path, dict[str, Any]]
                 }
     else:
         kept = max(1, math.ceil(race.keep * len(ranked)))
+        why = "by their mean over seeds (rule=halving)" if replicated else "single runs"
         for rank, name in enumerate(ranked[kept:], kept + 1):
             mean = math.fsum(configs[name].values()) / len(configs[name])
             stops[name] = common | {
-                "rule": f"successive halving: kept the best {kept} of {len(ranked)} by rank; single runs, so this "
+                "rule": f"successive halving: kept the best {kept} of {len(ranked)} by rank; {why}, so this "
                 "ranking carries no intervals",
                 "difference": mean - math.fsum(configs[best].values()) / len(configs[best]),
                 "rank": rank,

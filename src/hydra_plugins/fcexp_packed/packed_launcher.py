@@ -27,11 +27,12 @@ log = logging.getLogger("fcexp")
 @dataclass
 class RaceConf:
     """A race's rule (fcexp.race.Race): decide after these epochs, stop at this Holm-adjusted p, keep this share by
-    rank without replicates."""
+    rank without replicates (or with them, rule=halving)."""
 
     rungs: list[int] = field(default_factory=lambda: [1, 2])
     level: float = 0.05
     keep: float = 0.5
+    rule: str = "test"  # or halving; checked by fcexp.race.Race, in one line
 
 
 @dataclass
@@ -68,7 +69,7 @@ class PackedLauncher(Launcher):
         if memory_gb is not None and not memory_gb > 0:
             raise ValueError(f"hydra.launcher.memory_gb must be > 0 or null, got {memory_gb!r}")
         self.max_members, self.memory_gb = max_members, memory_gb
-        self.race = None if race is None else Race(tuple(race.rungs), race.level, race.keep)
+        self.race = None if race is None else Race.of(race)
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
