@@ -74,6 +74,8 @@ def test_a_clearly_worse_configuration_stops_at_the_first_rung_and_the_rest_fini
         events = EventAccumulator(str(path))
         events.Reload()
         assert [e.step for e in events.Scalars("val/acc")] == [19]
+        # Its test at the rung's step, where TensorBoard puts it beside the last validation (not at step 0).
+        assert [e.step for e in events.Scalars("test/acc")] == [19]
     for activation in ("relu", "leaky_relu"):
         for _, record in runs[activation]:
             assert record["status"] == "completed" and len(record["history"]) == 3

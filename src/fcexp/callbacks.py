@@ -349,8 +349,9 @@ class Figures(L.Callback):
         self.targets: list[torch.Tensor] = []
         self.images: list[torch.Tensor] = []
 
-    def save(self, trainer: L.Trainer, runs: list, name: str, fig) -> None:
-        """The figure as a PNG in each of `runs`' folders (drawn once, copied) and in each one's TensorBoard run."""
+    def save(self, step: int, runs: list, name: str, fig) -> None:
+        """The figure as a PNG in each of `runs`' folders (drawn once, copied) and in each one's TensorBoard run, at
+        `step`."""
         import matplotlib.pyplot as plt
 
         paths = [run.run_dir / self.folder / f"{name}.png" for run in runs]
@@ -363,7 +364,7 @@ class Figures(L.Callback):
         image = plt.imread(paths[0])[..., :3]  # the PNG read back, not add_figure: no second drawing
         for run in runs:
             if run.logger is not None:
-                run.logger.experiment.add_image(f"figures/{name}", image, trainer.global_step, dataformats="HWC")
+                run.logger.experiment.add_image(f"figures/{name}", image, step, dataformats="HWC")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.global_step > 0:
@@ -382,7 +383,7 @@ class Figures(L.Callback):
         for first, group in drawn:
             labels = class_indices(y[group[0].index, :9]).tolist()
             titles = [f"label {label}" for label in labels]
-            self.save(trainer, group, "train_digits", digit_grid(first.cpu(), titles, "Training digits"))
+            self.save(0, group, "train_digits", digit_grid(first.cpu(), titles, "Training digits"))
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.confidence, self.preds, self.targets, self.images = [], [], [], []
@@ -410,13 +411,13 @@ class Figures(L.Callback):
         images = torch.cat(self.images).cpu()
         for run in runs_of(trainer, pl_module):
             i = run.index
-            self.save(trainer, [run], "confusion_matrix", confusion_figure(counts[i]))
+            self.save(pl_module.steps_trained, [run], "confusion_matrix", confusion_figure(counts[i]))
             picked = order[i][values[i] >= 0]  # fewer mistakes than asked for: only those
             titles = [
                 f"pred {preds[i, k]} ({values[i, j]:.2f})\ntrue {targets[k]}" for j, k in enumerate(picked.tolist())
             ]
             grid = digit_grid(images[picked], titles, "Most confident test mistakes")
-            self.save(trainer, [run], "confident_mistakes", grid)
+            self.save(pl_module.steps_trained, [run], "confident_mistakes", grid)
 
 
 def digit_grid(images: torch.Tensor, titles: list[str], suptitle: str):

@@ -157,6 +157,9 @@ class Classifier(L.LightningModule):
         self.member_metrics: list[dict[str, float]] = [{} for _ in range(self.members)]  # each one's latest epoch
         self.runs: list = []  # the pack's runs (fcexp.pack.Member), set by fcexp.train: where each member's numbers go
         self.test_probs: tuple[torch.Tensor, torch.Tensor] | None = None
+        # A test of a checkpoint's nets (a race's stopped runs, fcexp.train): that checkpoint's step, which
+        # Lightning's test does not restore (its global_step is then 0).
+        self.checkpoint_step: int | None = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_FORMAT_KEY] = CHECKPOINT_FORMAT  # what fcexp.record.read_checkpoint checks
@@ -278,6 +281,11 @@ class Classifier(L.LightningModule):
                     logger.log_metrics({k: v[i] for k, v in zip(metrics, values, strict=True)}, step=step)
         return values
 
+    @property
+    def steps_trained(self) -> int:
+        """The optimizer steps the nets have taken, where their numbers and figures are logged."""
+        return self.global_step if self.checkpoint_step is None else self.checkpoint_step
+
     def end_epoch(self, stage: str) -> None:
         """An epoch's per-member means: to each member's metrics and logger; their mean over the living members to
         the trainer's (what its progress display shows; a pack of one shows its own)."""
@@ -293,7 +301,7 @@ class Classifier(L.LightningModule):
         # At the epoch's last step, as Lightning logs epoch metrics: the next epoch's first step is a checkpoint's
         # step, from which a resumed run logs anew.
         epoch = torch.full((self.members,), float(self.current_epoch), device=self.best_val_acc.device)
-        read = self.log_members(values | {"epoch": epoch}, step=max(0, self.global_step - 1))
+        read = self.log_members(values | {"epoch": epoch}, step=max(0, self.steps_trained - 1))
         for i, metrics in enumerate(self.member_metrics):
             metrics.update({k: v[i] for k, v in zip(values, read, strict=False)})
         # Every rank holds the same synced values; sync_dist only silences Lightning's DDP warning.

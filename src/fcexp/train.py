@@ -265,7 +265,8 @@ def train_pack(
             # The pack's checkpoint is its members' merged; Lightning reads it from memory, by the first one's path.
             ckpt_path = str(resumed[0])
             checkpoint_io.in_memory[ckpt_path] = merged_checkpoint([read_checkpoint(p) for p in resumed], model)
-        if stop is not None:  # the nets as the rung left them, tested
+        if stop is not None:  # the nets as the rung left them, tested, their numbers logged at the rung's step
+            model.checkpoint_step = checkpoint_step(resumed[0])
             trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True)
         else:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
