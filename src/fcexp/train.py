@@ -266,7 +266,7 @@ def train_pack(
             ckpt_path = str(resumed[0])
             checkpoint_io.in_memory[ckpt_path] = merged_checkpoint([read_checkpoint(p) for p in resumed], model)
         if stop is not None:  # the nets as the rung left them, tested, their numbers logged at the rung's step
-            model.checkpoint_step = checkpoint_step(resumed[0])
+            model.checkpoint_step = checkpoint_io.in_memory[ckpt_path]["global_step"]
             trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True)
         else:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
