@@ -11,7 +11,7 @@ import shutil
 import signal
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,7 @@ class Job:
     overrides: list[str]
     resume: bool = False
     race: bool = False  # a race continues it past a rung or stops it there (fcexp.race): not the user's resume
+    typed: bool = False  # cfg is fcexp.schema.validated's already (a packed sweep's plan): not checked again
 
 
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str], resume: bool = False) -> dict:
@@ -198,7 +199,7 @@ def train_pack(
             member.logger.finalize("failed")
 
     try:
-        cfgs = [validated(job.cfg) for job in jobs]
+        cfgs = [job.cfg if job.typed else validated(job.cfg) for job in jobs]
         for member, cfg, job in zip(members, cfgs, jobs, strict=True):
             member.record.describe(flat_hparams(cfg, job.overrides))
         first = cfgs[0]
@@ -406,7 +407,8 @@ def plan_job(cfg: DictConfig, sweep_dir: Path) -> list[Job | float]:
         try:
             job = plan(one, folder, args, sweep_dir)
             if isinstance(job, Job):
-                check_packable(validated(job.cfg))
+                job = replace(job, cfg=validated(job.cfg), typed=True)
+                check_packable(job.cfg)
                 try:  # its net alone, so that a value the constructor refuses fails this job and no pack
                     instantiate(job.cfg.model)
                 except InstantiationException as err:
@@ -490,9 +492,9 @@ def train_packs(
         entries = [e for e in entries if e[2].run_dir not in stops]
         log.info("race: %d of %d runs stopped at epoch %d", len(losing), len(losing) + len(entries), rung)
         # From here on each run continues from its checkpoint at the rung.
-        cut = [(j, k, Job(job.cfg, job.run_dir, job.overrides, resume=True, race=True)) for j, k, job in losing]
+        cut = [(j, k, replace(job, resume=True, race=True)) for j, k, job in losing]
         _train_groups(cut, scores, sweep_dir, max_members, budget, stop=stops)
-        entries = [(j, k, Job(job.cfg, job.run_dir, job.overrides, resume=True, race=True)) for j, k, job in entries]
+        entries = [(j, k, replace(job, resume=True, race=True)) for j, k, job in entries]
     _train_groups(entries, scores, sweep_dir, max_members, budget)
     return [mean_best(s) for s in scores]
 

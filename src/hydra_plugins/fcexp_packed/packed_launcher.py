@@ -60,6 +60,26 @@ def free_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+class ComposedOnce:
+    """Hydra's `load_sweep_config`, each job composed once. Hydra's basic sweeper composes every job of a batch to
+    check it (Sweeper.validate_batch_is_legal) and throws the configs away, and the launcher then composed each
+    again: about half a second a job on a 2-core CPU. The check's configs are kept here, and the launch takes each
+    (`take`) instead of composing it anew; a job nothing checked is composed then."""
+
+    def __init__(self, compose: Any):
+        self.compose = compose
+        self.checked: dict[tuple[int, tuple[str, ...]], DictConfig] = {}
+
+    def __call__(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        config = self.compose(master_config, sweep_overrides)
+        self.checked[(id(master_config), tuple(sweep_overrides))] = config
+        return config
+
+    def take(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        config = self.checked.pop((id(master_config), tuple(sweep_overrides)), None)
+        return self.compose(master_config, sweep_overrides) if config is None else config
+
+
 class PackedLauncher(Launcher):
     def __init__(self, max_members: int = 32, memory_gb: float | None = None, race: Any = None) -> None:
         from fcexp.race import Race
@@ -73,21 +93,26 @@ class PackedLauncher(Launcher):
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
+        self.compose: ComposedOnce | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
+        loader = hydra_context.config_loader
+        if not isinstance(loader.load_sweep_config, ComposedOnce):
+            loader.load_sweep_config = ComposedOnce(loader.load_sweep_config)
+        self.compose = loader.load_sweep_config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from fcexp.train import plan_job, train_packs
 
         setup_globals()
-        assert self.config is not None and self.hydra_context is not None
+        assert self.config is not None and self.hydra_context is not None and self.compose is not None
         sweep_dir = Path(self.config.hydra.sweep.dir).absolute()
         log.info("packing %d jobs into %s", len(job_overrides), sweep_dir)
         returns: list[JobReturn] = []
         plans: list[Any] = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            sweep_config = self.compose.take(self.config, list(overrides))
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
                 sweep_config.hydra.job.num = idx
