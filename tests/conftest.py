@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from slurm_cluster import SlurmCluster, missing_programs
 
 from fcexp.data import ensure_mnist
 
 DATA_ROOT = os.environ.get("FCEXP_DATA", str(Path("~/.cache/fcexp").expanduser()))
 # A few hundred real steps: 100 batches of 128 per epoch.
+# torch's threads in a new process: what a run in this one starts with, as a command would.
+THREADS = torch.get_num_threads()
 QUICK = ["data.limit_train=12800", "trainer.max_epochs=3", "callbacks.progress.refresh_rate=0"]
 
 
@@ -71,6 +77,37 @@ def start_cli(module: str, *args: str, cwd: Path, env: dict | None = None, outpu
         env={**os.environ, "FCEXP_DATA": DATA_ROOT, **(env or {})},
         preexec_fn=_ctrl_c_reaches_python,
     )
+
+
+def run_here(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A printed `python -m fcexp.<entry> ...` command, split as the user's shell splits it (shlex: POSIX quoting)
+    and run from `cwd` in the test's own process, its imports paid once: what it printed and its exit status, as
+    `run_printed` gives them. Its program must be this environment's python, as the shell would find it."""
+    words = shlex.split(command)
+    program, flag, module, *args = words
+    assert flag == "-m" and module in ("fcexp.train", "fcexp.evaluate"), command
+    found = os.path.join(cwd, program) if os.sep in program else shutil.which(program) or program
+    here = os.path.dirname(os.path.abspath(sys.executable))
+    assert os.path.dirname(os.path.abspath(found)) == here, f"{program} is not this environment's python"
+    from hydra.core.global_hydra import GlobalHydra
+
+    entry = importlib.import_module(module).cli
+    torch.set_num_threads(THREADS)  # as a new process starts, whatever an earlier run in this one set
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", [module, *args])
+        GlobalHydra.instance().clear()
+        try:
+            entry()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess(words, code, out.getvalue(), err.getvalue())
+
+
+def run_in_process(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` run as `run_here` runs a printed command."""
+    return run_here(shlex.join([sys.executable, "-m", module, *args]), cwd)
 
 
 def printed(output: str, label: str) -> str:

@@ -8,17 +8,16 @@ import io
 import json
 import os
 import signal
-import subprocess
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import run_cli, start_cli
+from conftest import run_here, run_in_process, start_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
-from test_faults import CLI_ENV, run_main, wait_for
+from test_faults import run_main, wait_for
 
 from fcexp.module import Classifier
 from fcexp.pack import Member, member_checkpoint, merged_checkpoint, pack_sizes
@@ -111,7 +110,7 @@ def test_each_member_is_a_run_with_everything_a_solo_run_has(packed_sweep):
     assert len(set(grads.values())) == 4
     # A member's checkpoint is a solo run's: fcexp.evaluate reproduces its test accuracy.
     record = json.loads((folders[0] / "metrics.json").read_text())
-    proc = run_cli("fcexp.evaluate", f"ckpt_path='{folders[0] / 'checkpoints' / 'last.ckpt'}'", cwd=sweep)
+    proc = run_in_process("fcexp.evaluate", f"ckpt_path='{folders[0] / 'checkpoints' / 'last.ckpt'}'", cwd=sweep)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"test accuracy {record['metrics']['test/acc']:.4f}" in proc.stdout
     assert "4 jobs" in stdout and (sweep / "compare.md").is_file()  # the sweep compared itself
@@ -205,7 +204,7 @@ def test_ctrl_c_leaves_every_member_resumable_and_the_rerun_finishes_the_sweep(m
         assert json.loads((folder / "metrics.json").read_text())["status"] == "interrupted"
         assert (folder / "checkpoints" / "interrupted.ckpt").is_file()
     (finish,) = [line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("finish the sweep with: ")]
-    done = subprocess.run(finish, shell=True, cwd=tmp_path, capture_output=True, text=True, env=CLI_ENV)
+    done = run_here(finish, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("finished before (skip_finished=true)") == 2  # the first pack is not trained again
     resumed = records(sweep)
@@ -267,7 +266,9 @@ def test_a_pack_interrupted_mid_epoch_ends_as_an_uninterrupted_one(members, mnis
 
 
 def test_bf16_mixed_trains_on_cpu(mnist_root, tmp_path):
+    # 40 steps of a 256-256 net; validated and tested on 1,280 images (a CPU without AMX emulates bf16 slowly).
     overrides = ["data.limit_train=5000", "trainer.max_epochs=1", "trainer.precision=bf16-mixed", "callbacks=plain"]
+    overrides += ["model.hidden=[256,256]", "+trainer.limit_val_batches=10", "+trainer.limit_test_batches=10"]
     result = train(compose_config(*overrides), tmp_path, overrides)
     assert result["metrics"]["val/acc"] > 0.85
 

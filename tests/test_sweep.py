@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import printed, run_cli, run_printed, train_in_process
+from conftest import printed, run_cli, run_here, run_in_process, run_printed, train_in_process
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
@@ -116,7 +116,7 @@ def test_compare_ranks_the_sweep_at_its_end(grid_2x2):
     assert f"best: activation={rows[0]['activation']}, dropout={rows[0]['model.dropout']}" in stdout
     rerun = printed(stdout, "rerun it")
     assert f"-m fcexp.train {' '.join(SMALL[:3])}" in rerun and "activation=" in rerun
-    again = run_printed(rerun, cwd)
+    again = run_here(rerun, cwd)
     assert again.returncode == 0, again.stderr[-2000:]
     (run,) = [p for p in (cwd / "runs").iterdir() if p.name != "sweeps"]
     assert json.loads((run / "metrics.json").read_text())["hparams"]["activation"] == rows[0]["activation"]
@@ -197,7 +197,7 @@ def test_compare_names_a_folder_without_jobs(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_parallel_launcher_keeps_going_past_a_failed_job(mnist_root, tmp_path):
-    proc = run_cli("fcexp.train", "-m", "+launcher=parallel", *SMALL, "model.dropout=0.2,1.5", cwd=tmp_path)
+    proc = run_in_process("fcexp.train", "-m", "+launcher=parallel", *SMALL, "model.dropout=0.2,1.5", cwd=tmp_path)
     sweep = only_sweep(tmp_path)
     # The sweep went on past the failure and compared both jobs, then said so in its exit status.
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -213,29 +213,11 @@ def test_parallel_launcher_keeps_going_past_a_failed_job(mnist_root, tmp_path):
     # Its rerun trains on the one thread the launcher gave it, which the order of its float sums depends on.
     rerun = printed(proc.stdout, "rerun it")
     assert rerun.endswith(" threads=1") and "launcher" not in rerun
-    again = run_printed(rerun, tmp_path)
+    again = run_here(rerun, tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     (run,) = [p for p in (tmp_path / "runs").iterdir() if p.name != "sweeps"]
     ran = [json.loads((folder / "metrics.json").read_text())["metrics"] for folder in (sweep / good["folder"], run)]
     assert ran[0]["test/acc"] == ran[1]["test/acc"] and ran[0]["val/acc"] == ran[1]["val/acc"]
-
-
-@pytest.mark.slow
-def test_optuna_study_finishes_and_reports_its_best(mnist_root, tmp_path):
-    proc = run_cli("fcexp.train", "-m", "+hparams_search=optuna", "hydra.sweeper.n_trials=3", *SMALL, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sweep = only_sweep(tmp_path)
-    results = OmegaConf.load(sweep / "optimization_results.yaml")
-    rows = read_csv(sweep)
-    assert len(rows) == 3
-    assert results.best_value == pytest.approx(float(rows[0]["val_acc_best"]), abs=1e-4)
-    assert {"activation", "optimizer.lr"} <= set(rows[0])
-    # Off a terminal Optuna's lines carry no colour codes; they come through Hydra's logging.
-    assert "\x1b[" not in proc.stdout + proc.stderr and "A new study created in memory" in proc.stdout
-    assert "alembic" not in proc.stdout  # the plugins Optuna's storage sets up at import: nothing to act on
-    # A search chooses its own trials: its seed is replicated by replicates=N, not swept (which would search it).
-    (advice,) = [line for line in proc.stdout.splitlines() if "replicate it with: " in line]
-    assert advice.endswith("replicates=3") and "seed=" not in advice
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +283,7 @@ def test_a_single_seed_sweep_says_its_ranking_has_no_intervals(grid_2x2):
 
 
 @pytest.mark.slow
-def test_optuna_trials_score_the_mean_over_their_replicates(mnist_root, tmp_path):
+def test_optuna_study_finishes_and_scores_each_trial_by_the_mean_over_its_replicates(mnist_root, tmp_path):
     proc = run_cli(
         "fcexp.train", "-m", "+hparams_search=optuna", "hydra.sweeper.n_trials=2", "replicates=2", *SMALL, cwd=tmp_path
     )
@@ -319,3 +301,8 @@ def test_optuna_trials_score_the_mean_over_their_replicates(mnist_root, tmp_path
     with open(sweep / compare.CONFIGS_CSV) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(r["n"] == "2" for r in rows)
+    assert {"activation", "optimizer.lr"} <= set(rows[0])  # the searched knobs, as columns
+    assert float(rows[0]["val_acc_mean"]) == pytest.approx(results.best_value, abs=1e-4)  # ranked first: the best
+    # Off a terminal Optuna's lines carry no colour codes; they come through Hydra's logging.
+    assert "\x1b[" not in proc.stdout + proc.stderr and "A new study created in memory" in proc.stdout
+    assert "alembic" not in proc.stdout  # the plugins Optuna's storage sets up at import: nothing to act on

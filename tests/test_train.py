@@ -14,7 +14,7 @@ from typing import ClassVar
 import lightning as L
 import pytest
 import torch
-from conftest import QUICK, printed, run_cli, run_printed
+from conftest import QUICK, printed, run_cli, run_in_process, run_printed
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fcexp.train import Job, compose_config, train, train_pack
@@ -107,7 +107,7 @@ def test_tensorboard_reads_scalars_and_hparams(quick_run):
 def test_evaluate_reproduces_the_test_accuracy(quick_run):
     run_dir, _, _ = quick_run
     record = json.loads((run_dir / "metrics.json").read_text())
-    proc = run_cli("fcexp.evaluate", f"ckpt_path='{run_dir / 'checkpoints' / 'last.ckpt'}'", cwd=run_dir)
+    proc = run_in_process("fcexp.evaluate", f"ckpt_path='{run_dir / 'checkpoints' / 'last.ckpt'}'", cwd=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"test accuracy {record['metrics']['test/acc']:.4f}" in proc.stdout
 
