@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from fcexp import compare
+from fcexp import compare, stats
 from fcexp.stats import INTERVAL, accuracy_interval, interval
 
 OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
@@ -195,3 +195,42 @@ def test_a_multirun_tells_tensorboard_its_knobs_when_it_starts(tmp_path):
     hparams, _ = read_experiment(tmp_path)
     assert set(hparams[:3]) == {("model.dropout", True), ("seed", True), ("activation", True)}
     assert ("model.l2", False) in hparams and not any(differs for _, differs in hparams[3:])
+
+
+def seeds(mean: float, noise: tuple[float, float, float]) -> dict[int, float]:
+    return {s: mean + e for s, e in enumerate(noise)}
+
+
+NOISE = [(0.001, -0.002, 0.001), (-0.001, 0.002, -0.001), (0.002, -0.001, -0.001), (-0.002, 0.001, 0.001)]
+
+
+def test_many_paired_comparisons_moderate_their_variances():
+    """Twelve configurations with the same seed spread: each comparison's 2 degrees of freedom gain the prior's, so
+    a gap of 3 spreads that a plain paired t test with Holm over 12 cannot call is called; with fewer than
+    MODERATE_FROM comparisons the tests stay plain."""
+    best = seeds(0.95, (0.0, 0.0, 0.0))
+    others = [seeds(0.95 - 0.006 * (i == 0), NOISE[i % 4]) for i in range(stats.MODERATE_FROM + 2)]
+    plain = stats.holm([stats.difference(best, o) for o in others])
+    moderated = stats.versus_best(best, others)
+    assert [d.test for d in moderated] == ["moderated paired"] * len(others)
+    assert [d.delta for d in moderated] == [d.delta for d in plain]
+    assert plain[0].p_holm > 0.05 and moderated[0].p_holm < 0.05
+    assert all(d.p_holm > 0.05 for d in moderated[1:])  # the ties stay ties
+    assert moderated[0].high < 0 and moderated[0].high - moderated[0].low < plain[0].high - plain[0].low
+    few = others[: stats.MODERATE_FROM - 1]
+    assert stats.versus_best(best, few) == stats.holm([stats.difference(best, o) for o in few])
+
+
+def test_a_comparison_noisier_than_the_rest_keeps_its_own_doubt():
+    """Shrinking toward the others' variance must not make a comparison whose seeds disagree a sure one."""
+    best = seeds(0.95, (0.0, 0.0, 0.0))
+    others = [seeds(0.95, NOISE[i % 4]) for i in range(11)] + [seeds(0.93, (0.03, -0.04, -0.05))]
+    noisy = stats.versus_best(best, others)[-1]
+    assert noisy.test == "moderated paired" and noisy.p_holm > 0.05 and noisy.low < -0.05
+
+
+def test_equal_variances_pool_into_one():
+    d0, s0 = stats.prior([2e-6] * 20, 2)
+    assert d0 == 40 and s0 == pytest.approx(2e-6)
+    d0, s0 = stats.prior([1e-6 * 10 ** (k % 5) for k in range(20)], 2)  # spread far beyond sampling
+    assert d0 < 5

@@ -43,7 +43,7 @@ from fcexp.record import (
     override_key,
     shell_program,
 )
-from fcexp.stats import ALPHA, INTERVAL, Difference, Interval, accuracy_interval, difference, holm
+from fcexp.stats import ALPHA, INTERVAL, MODERATE_FROM, Difference, Interval, accuracy_interval, versus_best
 
 log = logging.getLogger("fcexp")
 
@@ -356,7 +356,7 @@ def group(jobs: list[Job], knobs: list[str], metric: str = "val_best") -> list[C
     scored = [(c, values) for c, values in ranked if values]
     if scored:
         (_, best), rest = scored[0], scored[1:]
-        for (config, _), diff in zip(rest, holm([difference(best, values) for _, values in rest]), strict=True):
+        for (config, _), diff in zip(rest, versus_best(best, [values for _, values in rest]), strict=True):
             config.diff = diff
     return [c for c, _ in ranked]
 
@@ -416,8 +416,15 @@ def method_note(configs: list[Config]) -> str:
     )
     if tests == 0:
         return f"{ranked} There is no other configuration with replicates to compare with the best."
+    moderated = any(c.diff is not None and c.diff.test == "moderated paired" for c in configs)
+    paired = (
+        f"paired t test where both ran the same seeds, moderated ({MODERATE_FROM} or more such comparisons: each "
+        "one's variance over seeds shrunk toward what all of them show, Smyth 2004)"
+        if moderated
+        else "paired t test where both ran the same seeds"
+    )
     return (
-        f"{ranked} Each is compared with the best: paired t test where both ran the same seeds, Welch's otherwise; "
+        f"{ranked} Each is compared with the best: {paired}, Welch's otherwise; "
         f"p values are Holm-adjusted over the {tests} comparison{'s' * (tests != 1)}. 'tied with best' means not "
         f"significantly different at {ALPHA:g}: the data do not tell them apart, not that they are equal."
     )

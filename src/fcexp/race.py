@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fcexp.compare import Job, swept_knobs
-from fcexp.stats import difference, holm
+from fcexp.stats import versus_best
 
 STOPPED = "stopped"
 
@@ -96,7 +96,7 @@ def decide(jobs: list[Job], rung: int, race: Race) -> dict[Path, dict[str, Any]]
     stops: dict[str, dict[str, Any]] = {}
     replicated = all(len(seeds) >= 2 for seeds in configs.values())
     if race.rule == "test" and replicated:
-        diffs = holm([difference(configs[best], configs[c]) for c in others])
+        diffs = versus_best(configs[best], [configs[c] for c in others])
         for name, diff in zip(others, diffs, strict=True):
             if diff.p_holm is not None and diff.p_holm < race.level and diff.delta < 0:
                 stops[name] = common | {

@@ -6,17 +6,19 @@ is a t interval of the mean logit, mapped back: an accuracy lives in [0, 1] and 
 interval on the accuracies themselves (symmetric, from 2 or 3 seeds with t = 12.7 or 4.3) runs past 1.0; on the logit
 scale it cannot, and near 1 it is skewed downwards as the accuracies are. Differences from the best are
 tested with a paired t test where both have the same seeds (the seed fixes init, batch order and dropout masks, so
-pairing removes that shared noise) and Welch's t test otherwise. The p values of the comparisons with the best are
-adjusted with Holm's step-down method, which keeps the chance of calling any tie a difference under 5%.
+pairing removes that shared noise) and Welch's t test otherwise; where many configurations are paired with the best,
+their paired tests are moderated (versus_best). The p values of the comparisons with the best are adjusted with
+Holm's step-down method, which keeps the chance of calling any tie a difference under 5%.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from scipy import special, stats
+from scipy import optimize, special, stats
 
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE
@@ -79,7 +81,7 @@ class Difference:
     delta: float
     low: float | None
     high: float | None
-    test: str  # "paired" or "Welch"; "" when either side has a single run
+    test: str  # "paired", "moderated paired" (versus_best) or "Welch"; "" when either side has a single run
     p: float | None
     p_holm: float | None = None
 
@@ -120,3 +122,58 @@ def holm(differences: list[Difference]) -> list[Difference]:
         Difference(d.delta, d.low, d.high, d.test, d.p, adjusted.get(i)) if d.p is not None else d
         for i, d in enumerate(differences)
     ]
+
+
+# From this many paired comparisons on, versus_best moderates their variances: with fewer, the spread of the
+# variances says too little about their common size.
+MODERATE_FROM = 10
+
+
+def _trigamma_inverse(x: float) -> float:
+    """The y > 0 whose trigamma is x (trigamma falls from infinity to 0 on (0, infinity))."""
+    return optimize.brentq(lambda y: special.polygamma(1, y) - x, 1e-8, 1e8)
+
+
+def prior(variances: Sequence[float], df: int) -> tuple[float, float]:
+    """The prior of many variances that each have `df` degrees of freedom (Smyth 2004, limma's fitFDist): its
+    degrees of freedom d0 and its value s0^2, from the mean and the spread of their logarithms. When the logarithms
+    spread no more than sampling alone makes them, the variances are one variance: d0 is then all their degrees of
+    freedom together and s0^2 their mean."""
+    e = [math.log(v) - special.digamma(df / 2) + math.log(df / 2) for v in variances]
+    excess = statistics.variance(e) - special.polygamma(1, df / 2)
+    if excess <= 0:
+        return len(variances) * df, statistics.fmean(variances)
+    d0 = min(2 * _trigamma_inverse(excess), len(variances) * df)
+    return d0, math.exp(statistics.fmean(e) + special.digamma(d0 / 2) - math.log(d0 / 2))
+
+
+def versus_best(best: Mapping[int, float], others: Sequence[Mapping[int, float]]) -> list[Difference]:
+    """Each of `others` minus `best` (all keyed by seed), Holm-adjusted over them. Where at least MODERATE_FROM of
+    them are paired with the best over the same seeds, their t tests are moderated (Smyth 2004, as limma tests
+    thousands of genes on three replicates): each comparison's variance of seed differences is shrunk toward the
+    prior that all of them show (`prior`), and its t test gains the prior's degrees of freedom. With 3 seeds a plain
+    paired t test has 2 degrees of freedom, and Holm over dozens of comparisons then calls a difference only at
+    about 20 times its seed spread; the moderated test's variance borrows from the other comparisons where they
+    agree, and stays each comparison's own where they do not."""
+    plain = [difference(best, other) for other in others]
+    seeds = sorted(best)
+    paired = [
+        (i, [other[s] - best[s] for s in seeds])
+        for i, (d, other) in enumerate(zip(plain, others, strict=True))
+        if d.test == "paired" and statistics.pstdev([other[s] - best[s] for s in seeds]) > 0
+    ]
+    if len(paired) < MODERATE_FROM:
+        return holm(plain)
+    n = len(seeds)
+    d0, s0 = prior([statistics.variance(diffs) for _, diffs in paired], n - 1)
+    moderated = list(plain)
+    for i, diffs in paired:
+        df = d0 + n - 1
+        se = math.sqrt((d0 * s0 + (n - 1) * statistics.variance(diffs)) / df / n)
+        t = statistics.fmean(diffs) / se
+        half = stats.t.ppf(1 - ALPHA / 2, df) * se
+        delta = plain[i].delta
+        moderated[i] = replace(
+            plain[i], low=delta - half, high=delta + half, test="moderated paired", p=float(2 * stats.t.sf(abs(t), df))
+        )
+    return holm(moderated)
