@@ -67,7 +67,7 @@ def test_a_clearly_worse_configuration_stops_at_the_first_rung_and_the_rest_fini
         assert record["status"] == "stopped"
         stopped = record["stopped"]
         assert stopped["rung"] == 1 and stopped["lost_to"] in ("activation=relu", "activation=leaky_relu")
-        assert stopped["difference"] < 0 and stopped["interval"][1] < 0 and stopped["p_holm"] < 0.05
+        assert stopped["difference"] < 0 and stopped["interval"][1] < 0 and stopped["p_adj"] < 0.05
         # Its history, checkpoints and TensorBoard curves end at the rung; it was tested there.
         assert [h["epoch"] for h in record["history"]] == [0]
         assert record["metrics"]["test/acc"] < 0.3
@@ -191,7 +191,7 @@ def test_the_rule_stops_only_what_the_evidence_shows_worse():
     assert set(stops) == {Path(f"c{s}") for s in range(3)}
     evidence = stops[Path("c0")]
     assert evidence["lost_to"] == "activation=relu" and evidence["configuration"] == "activation=sigmoid"
-    assert evidence["difference"] == pytest.approx(-0.40) and evidence["p_holm"] < 0.05
+    assert evidence["difference"] == pytest.approx(-0.40) and evidence["p_adj"] < 0.05
     assert evidence["reason"].startswith("stopped at epoch 1: worse than activation=relu (-0.4000 [")
     # A run a race stopped at an earlier rung is out of the later ones; a stopped run counts at its own rung.
     bad[0].status, bad[0].stopped = "stopped", {"rung": 1}
@@ -200,6 +200,28 @@ def test_the_rule_stops_only_what_the_evidence_shows_worse():
     # One configuration under two names: identical numbers, nothing to stop.
     same = [job(f"d{s}", s, [0.90 + 0.01 * s], activation="swish") for s in range(3)]
     assert decide([*good, *same], 1, Race(level=0.5)) == {}
+
+
+def test_a_race_of_many_configurations_moderates_its_tests_as_compare_does():
+    """Twelve configurations at one seed spread, three of them 0.6-1 point behind: the moderated paired t tests stop
+    those three and say which test they used; among 3 comparisons (plain tests, 2 degrees of freedom) the
+    0.6-point gap stops nothing."""
+    spread = [(0.001, -0.002, 0.001), (-0.001, 0.002, -0.001), (0.002, -0.001, -0.001)]
+    noise = [(0.0, 0.0, 0.0)] + [spread[i % 3] for i in range(11)]
+    runs = [
+        job(f"{name}{s}", s, [0.95 - gap + noise[i][s]], activation=name)
+        for i, (name, gap) in enumerate(zip("abcdefghijkl", [0] * 9 + [0.006, 0.008, 0.01], strict=True))
+        for s in range(3)
+    ]
+    stops = decide(runs, 1, Race())
+    assert {folder.name[0] for folder in stops} == {"j", "k", "l"}
+    evidence = stops[Path("l0")]
+    assert evidence["rule"].startswith(
+        "moderated paired t test over seeds, Tukey-adjusted (the studentized range of 12"
+    )
+    assert evidence["p_adj"] < 0.05 and evidence["interval"][1] < 0
+    # j's runs among 3 comparisons: plain paired t tests, under which its gap is not enough.
+    assert decide([r for r in runs if r.hparams["activation"] in "abcj"], 1, Race()) == {}
 
 
 def test_without_replicates_the_race_halves_by_rank_and_says_it_has_no_intervals():
@@ -218,7 +240,7 @@ def test_rule_halving_ranks_replicated_configurations_by_their_mean():
     stops = decide(runs, 1, Race(rule="halving"))
     assert set(stops) == {Path(f"b{s}") for s in range(3)}
     assert stops[Path("b0")]["rank"] == 2 and "by their mean over seeds" in stops[Path("b0")]["rule"]
-    assert "p_holm" not in stops[Path("b0")] and "a ranking without intervals" in stops[Path("b0")]["reason"]
+    assert "p_adj" not in stops[Path("b0")] and "a ranking without intervals" in stops[Path("b0")]["reason"]
 
 
 @pytest.mark.parametrize(

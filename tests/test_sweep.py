@@ -243,7 +243,7 @@ def test_replicated_sweep_groups_seeds_into_configurations_with_intervals(replic
     parts = [f"val_acc_{part}" for part in ("mean", "low", "high")]
     assert [rows[0][k] for k in parts] == [rows[1][k] for k in parts]
     assert rows[0]["verdict"] == "best" and rows[1]["verdict"] == "tied with best"
-    assert rows[2]["verdict"] == "worse" and rows[2]["test"] == "paired" and float(rows[2]["p_holm"]) < 0.05
+    assert rows[2]["verdict"] == "worse" and rows[2]["test"] == "paired" and float(rows[2]["p_adj"]) < 0.05
     assert "Holm-adjusted over the 2 comparisons" in stdout and "1 other configuration tied with it" in stdout
     assert f"{compare.CONFIGS_CSV}" in stdout and "seed=0,1,2" in printed(stdout, "rerun it")
     table = (sweep / compare.TABLE).read_text()

@@ -342,7 +342,7 @@ class Config:
 
 def group(jobs: list[Job], knobs: list[str], metric: str = "val_best") -> list[Config]:
     """The jobs grouped into configurations, ranked by the mean of `metric` (a Job property: best validation
-    accuracy, or "test"), each but the best with its difference from the best (Holm-adjusted over all of them;
+    accuracy, or "test"), each but the best with its difference from the best (adjusted for all of them;
     fcexp.stats)."""
     keys = [k for k in knobs if k != "seed"]
     groups: dict[tuple[str, ...], Config] = {}
@@ -369,7 +369,7 @@ def config_rows(configs: list[Config], knobs: list[str]) -> tuple[list[str], lis
     """The configurations as text, each interval beside its mean: compare.md and the terminal."""
     keys = [k for k in knobs if k != "seed"]
     header = ["rank", *keys, "n", "val_acc_best [95% CI]", "sd", "test_acc [95% CI]", "diff vs best [95% CI]"]
-    header += ["test", "p_holm", "verdict"]
+    header += ["test", "p_adj", "verdict"]
     rows = []
     for rank, c in enumerate(configs, 1):
         val, test, d = c.val, c.test, c.diff
@@ -385,7 +385,7 @@ def config_rows(configs: list[Config], knobs: list[str]) -> tuple[list[str], lis
                 if d is None
                 else f"{d.delta:+.4f}" + (f" [{d.low:+.4f}, {d.high:+.4f}]" if d.low is not None else ""),
                 d.test if d and d.test else "-",
-                _fmt(d.p_holm if d else None, 3),
+                _fmt(d.p_adj if d else None, 3),
                 c.verdict,
             ]
         )
@@ -396,14 +396,14 @@ def config_csv_rows(configs: list[Config], knobs: list[str]) -> tuple[list[str],
     """The configurations as numbers, a column each (configs.csv): empty where there is none."""
     keys = [k for k in knobs if k != "seed"]
     accuracies = [f"{m}_{part}" for m in ("val_acc", "test_acc") for part in ("mean", "low", "high", "sd")]
-    header = ["rank", *keys, "n", *accuracies, "diff", "diff_low", "diff_high", "test", "p", "p_holm", "verdict"]
+    header = ["rank", *keys, "n", *accuracies, "diff", "diff_low", "diff_high", "test", "p", "p_adj", "verdict"]
     rows = []
     for rank, c in enumerate(configs, 1):
         d = c.diff
         numbers = [getattr(i, part) if i else None for i in (c.val, c.test) for part in ("mean", "low", "high", "sd")]
         numbers += [d.delta, d.low, d.high] if d else [None] * 3
         row = [rank, *(c.hparams.get(k) for k in keys), c.val.n if c.val else 0, *numbers]
-        row += [d.test if d else None, d.p if d else None, d.p_holm if d else None, c.verdict]
+        row += [d.test if d else None, d.p if d else None, d.p_adj if d else None, c.verdict]
         rows.append(["" if v is None else v for v in row])
     return header, rows
 
@@ -419,13 +419,16 @@ def method_note(configs: list[Config]) -> str:
     moderated = any(c.diff is not None and c.diff.test == "moderated paired" for c in configs)
     paired = (
         f"paired t test where both ran the same seeds, moderated ({MODERATE_FROM} or more such comparisons: each "
-        "one's variance over seeds shrunk toward what all of them show, Smyth 2004)"
+        "one's variance over seeds shrunk toward what all of them show, Smyth 2004) and adjusted by the studentized "
+        f"range of the {tests + 1} configurations (Tukey's: the best was picked from the same numbers); Welch's "
+        "otherwise, Holm-adjusted"
         if moderated
-        else "paired t test where both ran the same seeds"
+        else f"paired t test where both ran the same seeds, Welch's otherwise; p values are Holm-adjusted over the "
+        f"{tests} comparison{'s' * (tests != 1)}"
     )
     return (
-        f"{ranked} Each is compared with the best: {paired}, Welch's otherwise; "
-        f"p values are Holm-adjusted over the {tests} comparison{'s' * (tests != 1)}. 'tied with best' means not "
+        f"{ranked} Each is compared with the best: {paired}. "
+        f"'tied with best' means not "
         f"significantly different at {ALPHA:g}: the data do not tell them apart, not that they are equal."
     )
 

@@ -2,8 +2,9 @@
 train on in smaller, cheaper packs (`+launcher=race`, README "Races").
 
 At each rung every configuration still running is compared with the best one on its best validation accuracy up
-to that epoch, by compare's statistics (fcexp.stats): with replicates, a paired t test over seeds per configuration,
-Holm-adjusted over the comparisons; a configuration worse at adjusted p below `level` stops, all its seeds together.
+to that epoch, by compare's statistics (fcexp.stats.versus_best): with replicates, a paired t test over seeds per
+configuration (moderated from 10 configurations on, then Tukey-adjusted; else Holm-adjusted over the
+comparisons); a configuration worse at adjusted p below `level` stops, all its seeds together.
 Without replicates there is nothing to test: successive halving keeps the best `keep` share by rank, and says that
 such a ranking carries no intervals; `rule=halving` ranks so even with replicates (by the mean over seeds), for a
 user who would rather have the speed than the evidence. The decisions are read from the runs' records, so a race rerun
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fcexp.compare import Job, swept_knobs
-from fcexp.stats import versus_best
+from fcexp.stats import Difference, versus_best
 
 STOPPED = "stopped"
 
@@ -30,7 +31,7 @@ RULES = ("test", "halving")
 @dataclass(frozen=True)
 class Race:
     """`rungs`: the epochs after which the race decides (those at or past a run's last epoch are its end); `level`:
-    the Holm-adjusted p below which a configuration stops; `keep`: the share successive halving keeps; `rule`:
+    the adjusted p below which a configuration stops; `keep`: the share successive halving keeps; `rule`:
     `test` (the paired t test where there are replicates, successive halving where there are none) or `halving`
     (successive halving by the mean over seeds even with replicates: faster, and without evidence)."""
 
@@ -98,13 +99,13 @@ def decide(jobs: list[Job], rung: int, race: Race) -> dict[Path, dict[str, Any]]
     if race.rule == "test" and replicated:
         diffs = versus_best(configs[best], [configs[c] for c in others])
         for name, diff in zip(others, diffs, strict=True):
-            if diff.p_holm is not None and diff.p_holm < race.level and diff.delta < 0:
+            if diff.p_adj is not None and diff.p_adj < race.level and diff.delta < 0:
                 stops[name] = common | {
-                    "rule": f"{diff.test} t test over seeds, Holm-adjusted over {len(others)} comparisons, level "
-                    f"{race.level}",
+                    "rule": f"{diff.test} t test over seeds, {adjustment(diff, len(others))}, level {race.level}",
                     "difference": diff.delta,
                     "interval": [diff.low, diff.high],
-                    "p_holm": diff.p_holm,
+                    "p_adj": diff.p_adj,
+                    "adjusted_by": diff.adjusted_by,
                 }
     else:
         kept = max(1, math.ceil(race.keep * len(ranked)))
@@ -124,11 +125,18 @@ def decide(jobs: list[Job], rung: int, race: Race) -> dict[Path, dict[str, Any]]
     }
 
 
+def adjustment(diff: Difference, comparisons: int) -> str:
+    if diff.adjusted_by == "Tukey":
+        return f"Tukey-adjusted (the studentized range of {comparisons + 1} configurations)"
+    return f"Holm-adjusted over {comparisons} comparisons"
+
+
 def reason(evidence: dict[str, Any]) -> str:
     """Why a run stopped, in a line: what compare shows in its error column."""
-    if "p_holm" in evidence:
+    if "p_adj" in evidence:
         low, high = evidence["interval"]
-        why = f"{evidence['difference']:+.4f} [{low:+.4f}, {high:+.4f}], Holm p = {evidence['p_holm']:.2g}"
+        p = f"{evidence['adjusted_by']} p = {evidence['p_adj']:.2g}"
+        why = f"{evidence['difference']:+.4f} [{low:+.4f}, {high:+.4f}], {p}"
     else:
         why = f"rank {evidence['rank']}, {evidence['difference']:+.4f}; a ranking without intervals"
     return f"stopped at epoch {evidence['rung']}: worse than {evidence['lost_to']} ({why})"
