@@ -338,7 +338,7 @@ def signed(x: float, digits: int) -> str:
 
 def near(d: Difference) -> bool:
     """Whether a verdict sits so close to the threshold that other seeds or another machine may flip it."""
-    return d.p_holm is not None and NEAR[0] <= d.p_holm <= NEAR[1]
+    return d.p_adj is not None and NEAR[0] <= d.p_adj <= NEAR[1]
 
 
 @dataclass
@@ -385,7 +385,7 @@ def judge(claims: list[Claim]) -> list[str]:
         counts = sorted({len(c.values[c.other]), len(c.values[c.base])}, reverse=True)
         lines.append(
             f"- {c.measure}, {c.shown()} ({d.test} t test over {' and '.join(map(str, counts))} {c.over}, "
-            f"p = {d.p_holm:.2g}{over}): {verdict}."
+            f"p = {d.p_adj:.2g}{over}): {verdict}."
         )
     return lines
 
@@ -412,7 +412,7 @@ def supports(claims: list[Claim], sign: int, name: Callable[[Claim], str] = lamb
 
 def closeness(claims: list[Claim]) -> str:
     """The p values of the judged `claims` that sit near the threshold, for a verdict's end; "" where none does."""
-    close = [f"{c.diff.p_holm:.2g}" for c in claims if near(c.diff)]
+    close = [f"{c.diff.p_adj:.2g}" for c in claims if near(c.diff)]
     return f" (p = {', '.join(close)}: near the threshold)" if close else ""
 
 
@@ -1516,7 +1516,7 @@ def guidance(study: Study, s: dict) -> Report:
                 " = ".join(registered()[c.hparams["activation"]]),
                 str(c.test),
                 "-" if c.diff is None else f"{c.diff.delta:+.4f} [{c.diff.low:+.4f}, {c.diff.high:+.4f}]",
-                "-" if c.diff is None else f"{c.diff.p_holm:.2g}",
+                "-" if c.diff is None else f"{c.diff.p_adj:.2g}",
                 c.verdict,
             ]
             for rank, c in enumerate(ranked, 1)
