@@ -165,11 +165,12 @@ def versus_best(best: Mapping[int, float], others: Sequence[Mapping[int, float]]
     95% t interval, not a simultaneous one."""
     plain = holm([difference(best, other) for other in others])
     seeds = sorted(best)
-    paired = [
+    differences = [
         (i, [other[s] - best[s] for s in seeds])
         for i, (d, other) in enumerate(zip(plain, others, strict=True))
-        if d.test == "paired" and statistics.pstdev([other[s] - best[s] for s in seeds]) > 0
+        if d.test == "paired"
     ]
+    paired = [(i, diffs) for i, diffs in differences if statistics.pstdev(diffs) > 0]
     if len(paired) < MODERATE_FROM:
         return plain
     n, configurations = len(seeds), len(others) + 1
