@@ -251,3 +251,21 @@ def test_moderated_comparisons_with_a_best_picked_from_the_same_numbers_rarely_c
         assert {d.adjusted_by for d in diffs} == {"Tukey"}
         called += sum(d.significant for d in diffs)
     assert called < 0.03 * 40 * 12, called
+
+
+def test_a_sweep_whose_pooled_accuracies_are_skewed_is_plotted(tmp_path, capsys):
+    """Twenty relu runs near 0.97 and two that barely trained: pooled, their plain mean (0.93) lies below the
+    interval of their mean logit [0.95, 0.97]. The 144-run grid met this and compare failed at the end of the sweep
+    ("'yerr' must not contain negative values"); the bars are drawn from the interval's own bounds."""
+    sweep = tmp_path / "sweep"
+    for seed in range(22):
+        acc = 0.5 if seed < 2 else 0.97 + 0.001 * (seed % 3)
+        for activation, shift in (("relu", 0.0), ("tanh", -0.01)):
+            overrides = [f"activation={activation}", f"seed={seed}"]
+            write_job(sweep / f"activation={activation},seed={seed}", overrides, acc + shift, acc + shift)
+    write_multirun(sweep, ["activation=relu,tanh", "seed=range(0,22)"])
+    pooled = accuracy_interval([0.5, 0.5] + [0.97 + 0.001 * (s % 3) for s in range(2, 22)])
+    assert pooled.mean < pooled.low  # what made the plot fail
+    compare.main([str(sweep)])
+    assert "44 jobs in" in capsys.readouterr().out
+    assert (sweep / compare.BY_KNOB).stat().st_size > 0 and (sweep / compare.CURVES).stat().st_size > 0

@@ -475,11 +475,7 @@ def plot_curves(configs: list[Config], knobs: list[str], path: Path) -> None:
                 highs = [p.high if p.high is not None else p.mean for p in points]
                 ax.fill_between(epochs, lows, highs, color=f"C{i}", alpha=0.15, lw=0, zorder=2)
                 # Bars too: a band has no width at a single epoch.
-                yerr = [
-                    [m - lo for m, lo in zip(means, lows, strict=True)],
-                    [h - m for m, h in zip(means, highs, strict=True)],
-                ]
-                ax.errorbar(epochs, means, yerr=yerr, fmt="none", ecolor=f"C{i}", capsize=4, lw=1, zorder=2)
+                interval_bars(ax, epochs, lows, highs, color=f"C{i}", capsize=4, lw=1, zorder=2)
         else:
             label = f"{len(ranked) - HIGHLIGHTED} other configurations" if i == HIGHLIGHTED else None
             ax.plot(epochs, means, color="0.75", lw=0.8, marker=".", zorder=1, label=label)
@@ -522,6 +518,15 @@ def write_config_curves(configs: list[Config], knobs: list[str], folder: Path) -
         writer.add_custom_scalars({f"validation accuracy by configuration: mean over seeds, {INTERVAL}": charts})
 
 
+def interval_bars(ax: Any, x: list, lows: list[float], highs: list[float], **style: Any) -> None:
+    """Capped bars from each low to its high. Drawn from the bounds, not as distances from the mean: an accuracy
+    interval is the mean logit's, and for skewed accuracies (many runs pooled, a few far below the rest) the plain
+    mean can lie outside it, where a bar measured from the mean would need a negative length."""
+    middles = [(lo + hi) / 2 for lo, hi in zip(lows, highs, strict=True)]
+    halves = [(hi - lo) / 2 for lo, hi in zip(lows, highs, strict=True)]
+    ax.errorbar(x, middles, yerr=halves, fmt="none", ecolor=style.pop("color"), **style)
+
+
 def _sort_values(values: list[Any]) -> list[Any]:
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     return sorted(values) if numeric else sorted(values, key=str)
@@ -554,8 +559,9 @@ def plot_by_knob(configs: list[Config], knobs: list[str], path: Path) -> None:
                 offsets = [(j - (len(means) - 1) / 2) * 0.25 / max(len(means), 1) for j in range(len(means))]
                 ax.scatter([x + o for o in offsets], means, s=10, color="0.6", zorder=2)
                 runs = accuracy_interval([v for c in groups[value] for v in c.by_seed("test").values()])
-                err = None if runs.low is None else [[runs.mean - runs.low], [runs.high - runs.mean]]
-                ax.errorbar(x, runs.mean, yerr=err, fmt="o", color="C3", ms=7, capsize=5, zorder=3)
+                ax.scatter([x], [runs.mean], s=49, color="C3", zorder=3)
+                if runs.low is not None:
+                    interval_bars(ax, [x], [runs.low], [runs.high], color="C3", capsize=5, zorder=3)
             labels = [_fmt(v) for v in values]
             # Long names (leaky_relu, softplus) side by side overlap: slant them when they would.
             slant = sum(len(t) for t in labels) > 40 / cols * 3
