@@ -40,6 +40,7 @@ from torchvision import transforms
 from torchvision.datasets import MNIST
 
 from fcexp.data import MEAN, STD, encode, ensure_mnist, normalize, read_idx
+from fcexp.race import Race
 from fcexp.record import cpu_model, fcexp_command
 from fcexp.train import compose_config, quiet_lightning, train
 
@@ -449,6 +450,12 @@ def race_costs(limit: int | None, epochs: int) -> dict[str, Any]:
             print(f"race bench: {way} {costs[f'{way}_s']} s", flush=True)
             if way == "packed":
                 full = configurations(folder)
+                # What any rule that keeps the ties costs at least: every configuration the full sweep cannot tell
+                # from its best trained to the end, every other one stopped at the race's first rung.
+                tied = [c for c in full if c["verdict"] in ("best", "tied with best")]
+                ties = sum(int(c["n"]) for c in tied)
+                costs["tied_configurations"] = len(tied)
+                costs["ties_floor_run_epochs"] = ties * epochs + (costs["runs"] - ties) * Race().rungs[0]
                 continue
             costs[f"{way}_stopped_at"] = {
                 str(rung): sum(r.get("stopped", {}).get("rung") == rung for r in records) for rung in range(1, epochs)

@@ -26,7 +26,7 @@ log = logging.getLogger("fcexp")
 
 @dataclass
 class RaceConf:
-    """A race's rule (fcexp.race.Race): decide after these epochs, stop at this Holm-adjusted p, keep this share by
+    """A race's rule (fcexp.race.Race): decide after these epochs, stop below this adjusted p, keep this share by
     rank without replicates (or with them, rule=halving)."""
 
     rungs: list[int] = field(default_factory=lambda: [1, 2])
