@@ -269,3 +269,21 @@ def test_a_sweep_whose_pooled_accuracies_are_skewed_is_plotted(tmp_path, capsys)
     compare.main([str(sweep)])
     assert "44 jobs in" in capsys.readouterr().out
     assert (sweep / compare.BY_KNOB).stat().st_size > 0 and (sweep / compare.CURVES).stat().st_size > 0
+
+
+def test_a_race_that_left_one_configuration_says_why_nothing_was_compared(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for activation, val in (("relu", 0.95), ("sigmoid", 0.5)):
+        for seed in range(2):
+            folder = sweep / f"activation={activation},seed={seed}"
+            write_job(folder, [f"activation={activation}", f"seed={seed}"], val + 0.001 * seed, val)
+            if activation == "sigmoid":  # as a race leaves a run it stopped at its first rung
+                record = json.loads((folder / "metrics.json").read_text())
+                evidence = {"rung": 1, "configuration": "activation=sigmoid", "reason": "stopped at epoch 1: worse"}
+                record |= {"status": "stopped", "stopped": evidence}
+                (folder / "metrics.json").write_text(json.dumps(record))
+    write_multirun(sweep, ["activation=relu,sigmoid", "seed=0,1"])
+    compare.main([str(sweep)])
+    out = capsys.readouterr().out
+    assert "is left to compare with the best (a race stopped the other 1, on the evidence in its stopped: lines)" in out
+    assert "stopped at epoch 1" in (sweep / compare.TABLE).read_text()

@@ -415,7 +415,9 @@ def method_note(configs: list[Config]) -> str:
         f"{INTERVAL}."
     )
     if tests == 0:
-        return f"{ranked} There is no other configuration with replicates to compare with the best."
+        stopped = sum(c.verdict.startswith("stopped") for c in configs)
+        why = f" (a race stopped the other {stopped}, on the evidence in its stopped: lines)" if stopped else ""
+        return f"{ranked} No other finished configuration with replicates is left to compare with the best{why}."
     moderated = any(c.diff is not None and c.diff.test == "moderated paired" for c in configs)
     paired = (
         f"paired t test where both ran the same seeds, moderated ({MODERATE_FROM} or more such comparisons: each "
@@ -480,9 +482,11 @@ def plot_curves(configs: list[Config], knobs: list[str], path: Path) -> None:
             label = f"{len(ranked) - HIGHLIGHTED} other configurations" if i == HIGHLIGHTED else None
             ax.plot(epochs, means, color="0.75", lw=0.8, marker=".", zorder=1, label=label)
     points = sorted(p.mean for *_, curve in ranked for p in curve)
-    # Diverged runs sit near chance (0.1); showing them in full would flatten the differences that matter.
+    # Diverged runs sit near chance (0.1); showing them in full would flatten the differences that matter. At the
+    # top, the named configurations' intervals show whole.
+    highs = [p.high for *_, curve in ranked[:HIGHLIGHTED] for p in curve if p.high is not None]
     low = points[len(points) // 10]
-    ax.set_ylim(max(0.0, low - 0.02), min(1.0, points[-1] + 0.01))
+    ax.set_ylim(max(0.0, low - 0.02), min(1.0, max([points[-1], *highs]) + 0.01))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", title="rank. configuration")
     last_epoch = max(epoch for _, _, epochs, _ in ranked for epoch in epochs)
     ax.set_xticks(range(1, last_epoch + 1, max(1, last_epoch // 10)))  # whole epochs, even for one

@@ -3,8 +3,8 @@ train on in smaller, cheaper packs (`+launcher=race`, README "Races").
 
 At each rung every configuration still running is compared with the best one on its best validation accuracy up
 to that epoch, by compare's statistics (fcexp.stats.versus_best): with replicates, a paired t test over seeds per
-configuration (moderated from 10 configurations on, then Tukey-adjusted; else Holm-adjusted over the
-comparisons); a configuration worse at adjusted p below `level` stops, all its seeds together.
+configuration (moderated from 10 comparisons with the best on, then Tukey-adjusted; else Holm-adjusted over
+the comparisons); a configuration worse at adjusted p below `level` stops, all its seeds together.
 Without replicates there is nothing to test: successive halving keeps the best `keep` share by rank, and says that
 such a ranking carries no intervals; `rule=halving` ranks so even with replicates (by the mean over seeds), for a
 user who would rather have the speed than the evidence. The decisions are read from the runs' records, so a race rerun
