@@ -516,7 +516,7 @@ def main() -> None:
     parser.add_argument(
         "--race",
         action="store_true",
-        help="also time +sweep=grid seed=0,1,2 (144 runs, 4 epochs) packed and raced, and an A/A race (~40 min here "
+        help="also time +sweep=grid seed=0,1,2 (144 runs, 4 epochs) packed and raced, and an A/A race (~1 hour here "
         "on the full training set; --race-limit shrinks it)",
     )
     parser.add_argument("--race-limit", type=int, default=None, help="data.limit_train of the --race sweeps")
