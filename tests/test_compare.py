@@ -238,19 +238,23 @@ def test_equal_variances_pool_into_one():
 
 
 def test_moderated_comparisons_with_a_best_picked_from_the_same_numbers_rarely_call_a_tie_worse():
-    """A/A: 40 draws of 12 equal configurations over 3 paired seeds. Against the highest of them, Holm-adjusted
-    moderated tests called 4-5% of the configurations worse (a simulation); adjusted by the studentized range,
-    which covers the best having been picked, fewer than 3% are."""
+    """A/A: 100 draws of 12 equal configurations over 3 paired seeds. Against the highest of them, adjusted by the
+    studentized range (which covers the best having been picked), under 3% of the configurations are called worse,
+    and at most 8 draws call any. Moderating each difference's variance with the best instead (all of them holding
+    the best's noise) called some in 15 of these draws; Holm's adjustment 4-5% of the configurations."""
     rng = random.Random(0)
-    called = 0
-    for _ in range(40):
+    called = draws_calling = 0
+    for _ in range(100):
         shared = [rng.gauss(0, 0.003) for _ in range(3)]  # what a seed does to every configuration alike
         runs = [{s: 0.95 + shared[s] + rng.gauss(0, 0.002) for s in range(3)} for _ in range(12)]
         runs.sort(key=lambda r: -sum(r.values()))
         diffs = stats.versus_best(runs[0], runs[1:])
         assert {d.adjusted_by for d in diffs} == {"Tukey"}
-        called += sum(d.significant for d in diffs)
-    assert called < 0.03 * 40 * 12, called
+        calls = sum(d.significant for d in diffs)
+        called += calls
+        draws_calling += calls > 0
+    assert called < 0.03 * 100 * 12, called
+    assert draws_calling <= 8, draws_calling
 
 
 def test_a_sweep_whose_pooled_accuracies_are_skewed_is_plotted(tmp_path, capsys):

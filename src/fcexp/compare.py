@@ -421,9 +421,9 @@ def method_note(configs: list[Config]) -> str:
     moderated = any(c.diff is not None and c.diff.test == "moderated paired" for c in configs)
     paired = (
         f"paired t test where both ran the same seeds, moderated ({MODERATE_FROM} or more such comparisons: each "
-        "one's variance over seeds shrunk toward what all of them show, Smyth 2004) and adjusted by the studentized "
-        f"range of the {tests + 1} configurations (Tukey's: the best was picked from the same numbers); Welch's "
-        "otherwise, Holm-adjusted"
+        "configuration's variance over seeds shrunk toward what all of them show, Smyth 2004) and adjusted by the "
+        f"studentized range of the {tests + 1} configurations (Tukey's: the best was picked from the same numbers); "
+        "Welch's otherwise, Holm-adjusted"
         if moderated
         else f"paired t test where both ran the same seeds, Welch's otherwise; p values are Holm-adjusted over the "
         f"{tests} comparison{'s' * (tests != 1)}"

@@ -154,41 +154,49 @@ def versus_best(best: Mapping[int, float], others: Sequence[Mapping[int, float]]
     """Each of `others` minus `best` (all keyed by seed), adjusted for the comparisons made beside it.
 
     Where at least MODERATE_FROM of them are paired with the best over the same seeds, their t tests are moderated
-    (Smyth 2004, as limma tests thousands of genes on three replicates): each comparison's variance of seed
-    differences is shrunk toward the prior that all of them show (`prior`), and its t test gains the prior's degrees
-    of freedom. With 3 seeds a plain paired t test has 2, and Holm over dozens of comparisons then calls a difference
-    only at about 20 times its seed spread; the moderated variance borrows from the other comparisons where they
-    agree and stays each comparison's own where they do not. So much power makes it matter that the best was picked
-    from the same numbers: against the highest of 16 equal configurations, Holm would stop 4-5% of them and some in
-    a quarter of such races (a simulation). A moderated comparison's p is therefore adjusted by the studentized
-    range over all the configurations (Tukey's), which covers the comparison of any two of them, the best among
-    them; the others are Holm-adjusted over all the comparisons, as before. Each interval is its comparison's own
-    95% t interval, not a simultaneous one.
-
-    What that holds to, simulated (README, Races, False stops): among equal configurations over 3 seeds, 2-3% of
-    them are called worse at 0.05, under the level; but at least one is in 14% of draws of 12 and 17-25% of 48, not
-    5%. The comparisons' variances all hold the best's own seed noise, so they are not the independent variances the
-    prior assumes, and its degrees of freedom are overstated. Moderating each configuration's residual variance in
-    a model of configuration plus seed would not share that noise; not done yet."""
+    (Smyth 2004, as limma tests thousands of genes on three replicates). Each configuration's own variance over
+    seeds is its residual in a fit of configuration plus seed (what pairing by seed leaves), and it is shrunk toward
+    the prior that all of them show (`prior`); a comparison's variance is its two configurations' moderated ones,
+    and its t test gains the prior's degrees of freedom. With 3 seeds a plain paired t test has 2, and Holm over
+    dozens of comparisons then calls a difference only at about 20 times its seed spread; the moderated variance
+    borrows from the other configurations where they agree and stays each one's own where they do not. The
+    variances are the configurations' own, not each difference's with the best: those would all hold the best's
+    noise, and a prior fitted to them as if independent overstated its degrees of freedom (12 equal configurations:
+    at least one called worse in 14% of simulated draws). So much power makes it matter that the best was picked
+    from the same numbers: a moderated comparison's p is therefore adjusted by the studentized range over all the
+    configurations (Tukey's), which covers the comparison of any two of them, the best among them. Simulated over 3
+    seeds (tests/test_compare.py), 12 to 48 equal configurations have any one called worse in 3-6% of draws with
+    equal seed spreads, 7-9% with spreads that differ threefold. The others are Holm-adjusted over all the
+    comparisons, as before. Each interval is its comparison's own 95% t interval, not a simultaneous one."""
     plain = holm([difference(best, other) for other in others])
     seeds = sorted(best)
-    differences = [
-        (i, [other[s] - best[s] for s in seeds])
-        for i, (d, other) in enumerate(zip(plain, others, strict=True))
-        if d.test == "paired"
-    ]
-    paired = [(i, diffs) for i, diffs in differences if statistics.pstdev(diffs) > 0]
+    paired = [i for i, d in enumerate(plain) if d.test == "paired"]
     if len(paired) < MODERATE_FROM:
         return plain
+    table = [best, *(others[i] for i in paired)]
     n, configurations = len(seeds), len(others) + 1
-    d0, s0 = prior([statistics.variance(diffs) for _, diffs in paired], n - 1)
+    rows = [statistics.fmean(t[s] for s in seeds) for t in table]
+    columns = [statistics.fmean(t[s] for t in table) for s in seeds]
+    grand = statistics.fmean(rows)
+    # A residual gives up a share 1/k of its configuration's variance to the seeds' means; k/(k-1) restores it.
+    scale = len(table) / (len(table) - 1)
+    variances = [
+        scale
+        * math.fsum((t[s] - row - column + grand) ** 2 for s, column in zip(seeds, columns, strict=True))
+        / (n - 1)
+        for t, row in zip(table, rows, strict=True)
+    ]
+    if sum(v > 0 for v in variances) < MODERATE_FROM:  # no spread left to learn a prior from: identical runs
+        return plain
+    d0, s0 = prior([v for v in variances if v > 0], n - 1)
     df = d0 + n - 1
+    moderated_variances = [(d0 * s0 + (n - 1) * v) / df for v in variances]
     moderated = list(plain)
-    for i, diffs in paired:
-        se = math.sqrt((d0 * s0 + (n - 1) * statistics.variance(diffs)) / df / n)
-        t = abs(statistics.fmean(diffs)) / se
-        half = stats.t.ppf(1 - ALPHA / 2, df) * se
+    for j, i in enumerate(paired, 1):  # the best is the table's row 0
+        se = math.sqrt((moderated_variances[0] + moderated_variances[j]) / n)
         delta = plain[i].delta
+        half = stats.t.ppf(1 - ALPHA / 2, df) * se
+        t = abs(delta) / se
         moderated[i] = replace(
             plain[i],
             low=delta - half,
